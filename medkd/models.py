@@ -1,0 +1,157 @@
+"""The multimodal classifier shared by the teacher and the students.
+
+image -> vision backbone -> img_raw -> Linear -> img_proj ┐
+                                                          ├─ cross-attention fusion -> fused
+text  -> text backbone   -> txt_raw -> Linear -> txt_proj ┘      -> dropout -> two task heads
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from medkd.backbones import TextBackbone, VisionBackbone, build_backbone
+
+OUTPUT_KEYS = (
+    "logits_modality",
+    "logits_location",
+    "img_raw",
+    "txt_raw",
+    "img_proj",
+    "txt_proj",
+    "fused",
+)
+
+
+class FusionBlock(nn.Module):
+    """One cross-attention refinement of the fusion query.
+
+    The query (B, D) attends, after its own LayerNorm, over the two modality tokens
+    [img_proj, txt_proj] (B, 2, D); the attention output is added back to the query, then a
+    pre-norm 4x-wide GELU feed-forward is added residually.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"fusion_dim={dim} is not divisible by fusion_heads={heads}")
+        self.norm_query = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.norm_query(query).unsqueeze(1)
+        attended, _ = self.attention(q, tokens, tokens, need_weights=False)
+        query = query + attended.squeeze(1)
+        return query + self.ffn(self.norm_ffn(query))
+
+
+class CrossAttentionFusion(nn.Module):
+    """`layers` stacked FusionBlocks; the first query is the mean of the two modality tokens."""
+
+    def __init__(self, dim: int, layers: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"fusion_layers must be >= 1, got {layers}")
+        self.blocks = nn.ModuleList(FusionBlock(dim, heads, dropout) for _ in range(layers))
+
+    def forward(self, img_proj: torch.Tensor, txt_proj: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack((img_proj, txt_proj), dim=1)
+        query = tokens.mean(dim=1)
+        for block in self.blocks:
+            query = block(query, tokens)
+        return query
+
+
+class MultimodalClassifier(nn.Module):
+    """Image + text classifier with two task heads; the teacher and the students are this class.
+
+    `forward` returns the study's output dict (logits of both tasks, raw backbone vectors,
+    projected vectors) plus `fused`, the vector the heads read, which CRD distils.
+    """
+
+    def __init__(
+        self,
+        vision: VisionBackbone,
+        text: TextBackbone,
+        num_classes: Sequence[int],
+        fusion_dim: int = 384,
+        fusion_layers: int = 1,
+        fusion_heads: int = 8,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if len(num_classes) != 2 or min(num_classes) < 2:
+            raise ValueError(f"num_classes must be two class counts >= 2, got {num_classes!r}")
+        self.vision = vision
+        self.text = text
+        self.num_classes = tuple(int(n) for n in num_classes)
+        self.fusion_dim = fusion_dim
+        self.img_proj = nn.Linear(vision.width, fusion_dim)
+        self.txt_proj = nn.Linear(text.width, fusion_dim)
+        self.fusion = CrossAttentionFusion(fusion_dim, fusion_layers, fusion_heads)
+        self.dropout = nn.Dropout(dropout)
+        self.head_modality = nn.Linear(fusion_dim, self.num_classes[0])
+        self.head_location = nn.Linear(fusion_dim, self.num_classes[1])
+
+    @property
+    def img_dim(self) -> int:
+        return self.vision.width
+
+    @property
+    def txt_dim(self) -> int:
+        return self.text.width
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        img_raw = self.vision(pixel_values)
+        txt_raw = self.text(input_ids, attention_mask)
+        img_proj = self.img_proj(img_raw)
+        txt_proj = self.txt_proj(txt_raw)
+        fused = self.fusion(img_proj, txt_proj)
+        hidden = self.dropout(fused)
+        return {
+            "logits_modality": self.head_modality(hidden),
+            "logits_location": self.head_location(hidden),
+            "img_raw": img_raw,
+            "txt_raw": txt_raw,
+            "img_proj": img_proj,
+            "txt_proj": txt_proj,
+            "fused": fused,
+        }
+
+
+def build_model(
+    vision: str,
+    text: str,
+    num_classes: Sequence[int],
+    fusion_dim: int = 384,
+    fusion_layers: int = 1,
+    fusion_heads: int = 8,
+    dropout: float = 0.1,
+    pretrained: bool = False,
+    vision_weights: str | None = None,
+    text_weights: str | None = None,
+) -> MultimodalClassifier:
+    """Build a classifier from registry names (see `medkd.backbones.list_backbones`).
+
+    `pretrained=False` never touches the network; `vision_weights`/`text_weights` name a
+    local weights file or directory that takes precedence over every other source.
+    """
+    return MultimodalClassifier(
+        build_backbone(vision, pretrained=pretrained, weights=vision_weights, modality="vision"),
+        build_backbone(text, pretrained=pretrained, weights=text_weights, modality="text"),
+        num_classes,
+        fusion_dim=fusion_dim,
+        fusion_layers=fusion_layers,
+        fusion_heads=fusion_heads,
+        dropout=dropout,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,158 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medkd.backbones import build_tokenizer
+from medkd.data import (
+    DataConfig, DataError, PreparedData, load_splits, make_loader, make_synthetic_medpix,
+    make_synthetic_wound,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_MEDPIX = SHARED / "medpix-2.0"
+REAL_WOUND = SHARED / "wound-1-0"
+
+
+@pytest.fixture
+def medpix(tmp_path):
+    return make_synthetic_medpix(tmp_path / "medpix", sizes=(20, 8, 8), image_size=24)
+
+
+@pytest.fixture
+def wound(tmp_path):
+    return make_synthetic_wound(tmp_path / "wound", sizes=(24, 8, 8), image_size=24)
+
+
+def test_synthetic_medpix_in_published_layout(medpix):
+    assert (medpix / "Descriptions.json").exists()
+    data = PreparedData.load(DataConfig("medpix", str(medpix), image_size=16, max_length=24))
+    assert [len(data.records[s]) for s in ("train", "dev", "test")] == [20, 8, 8]
+    assert data.vocab.tasks == ("modality", "location")
+    assert data.vocab.classes[0] == ("CT", "MR") and data.vocab.num_classes == (2, 5)
+    first = json.loads((medpix / "splitted_dataset" / "descriptions_train.jsonl").read_text().splitlines()[0])
+    assert data.records["train"][0].text == first["Description"]["Caption"]
+    assert data.labels["train"][0].tolist() == [data.vocab.classes[0].index(first["Type"]),
+                                                data.vocab.classes[1].index(first["Location Category"])]
+
+
+def test_batches_hold_the_study_keys_and_trimmed_tokens(medpix):
+    data = PreparedData.load(DataConfig("medpix", str(medpix), image_size=16, max_length=64))
+    tok = build_tokenizer("tiny-bert")
+    dataset = data.dataset("train", {"teacher": tok, "student": tok})
+    batch = next(iter(make_loader(dataset, 4, shuffle=True, seed=1)))
+    assert set(batch) == {"pixel_values", "input_ids_teacher", "attention_mask_teacher", "input_ids_student",
+                          "attention_mask_student", "modality", "location", "index"}
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+    assert 0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1
+    # Grayscale PNGs come out as three equal channels (RGB); the model normalises, not the data.
+    assert torch.equal(batch["pixel_values"][:, 0], batch["pixel_values"][:, 1])
+    mask = batch["attention_mask_student"]
+    assert mask.shape[1] == int(mask.sum(1).max()) < 64  # shared padding trimmed
+    full = tok([data.records["train"][int(i)].text for i in batch["index"]], padding="max_length",
+               max_length=64, truncation=True, return_tensors="pt")
+    torch.testing.assert_close(batch["input_ids_student"], full["input_ids"][:, :mask.shape[1]])
+    assert torch.equal(batch["modality"], data.labels["train"][batch["index"], 0])
+
+
+def test_same_seed_same_batch_order(medpix):
+    data = PreparedData.load(DataConfig("medpix", str(medpix), image_size=16, max_length=16))
+    dataset = data.dataset("train", {"student": build_tokenizer("tiny-bert")})
+    order = lambda seed: [b["index"].tolist() for b in make_loader(dataset, 4, True, seed)]  # noqa: E731
+    assert order(3) == order(3) and order(3) != order(4)
+
+
+def test_synthetic_wound_with_configured_columns(wound):
+    for split in ("train", "dev", "test"):
+        path = wound / f"metadata_{split}.csv"
+        path.write_text(path.read_text().replace("img_path,type,severity,", "img_path,wound_type,grade,", 1))
+    cfg = DataConfig("wound", str(wound), type_column="wound_type", severity_column="grade", image_size=16)
+    data = PreparedData.load(cfg)
+    assert data.vocab.tasks == ("wound_type", "grade")
+    assert data.vocab.num_classes == (4, 3)
+    with pytest.raises(DataError, match=r"metadata_train.csv: missing column\(s\) \['type', 'severity'\]"):
+        load_splits(DataConfig("wound", str(wound)))
+
+
+@pytest.mark.parametrize("field", ["Modality", "Type", "Location", "Location Category"])
+def test_leakage_guard_refuses_label_fields(medpix, field):
+    with pytest.raises(DataError, match=f"text field '{field}' leaks a label"):
+        load_splits(DataConfig("medpix", str(medpix), text_fields=("Caption", field)))
+
+
+def test_leakage_guard_wound(wound):
+    with pytest.raises(DataError, match="label column"):
+        load_splits(DataConfig("wound", str(wound), text_column="severity"))
+
+
+def test_other_text_fields_are_joined(medpix):
+    records = load_splits(DataConfig("medpix", str(medpix), text_fields=("Plane", "Caption")))
+    assert records["train"][0].text.startswith("Plane: Axial. Caption: ")
+
+
+def test_unseen_label_in_dev_is_an_error(medpix):
+    path = medpix / "splitted_dataset" / "descriptions_dev.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["Location Category"] = "Extremities"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=rf"dev record '{rows[2]['image']}': location label 'Extremities' never occurs"):
+        PreparedData.load(DataConfig("medpix", str(medpix)))
+
+
+def test_missing_image_names_file_and_record(medpix):
+    first = json.loads((medpix / "splitted_dataset" / "descriptions_test.jsonl").read_text().splitlines()[0])
+    (medpix / "images" / f"{first['image']}.png").unlink()
+    with pytest.raises(DataError, match=rf"missing image .*{first['image']}.png for test record '{first['image']}'"):
+        PreparedData.load(DataConfig("medpix", str(medpix)))
+
+
+def test_unreadable_image_names_file(medpix):
+    data = PreparedData.load(DataConfig("medpix", str(medpix), image_size=16))
+    data.records["dev"][1].image_path.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"unreadable image .*{data.records['dev'][1].image_id}"):
+        data.images("dev")
+
+
+def test_empty_text_and_missing_field_are_errors(medpix):
+    path = medpix / "splitted_dataset" / "descriptions_train.jsonl"
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[3])
+    row["Description"]["Caption"] = "  "
+    path.write_text("\n".join(lines[:3] + [json.dumps(row)] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=rf"descriptions_train.jsonl, line 4 \(image '{row['image']}'\): empty text"):
+        load_splits(DataConfig("medpix", str(medpix)))
+    del row["Type"]
+    path.write_text("\n".join(lines[:3] + [json.dumps(row)] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=r"line 4: record has no field 'Type'"):
+        load_splits(DataConfig("medpix", str(medpix)))
+
+
+def test_missing_data_set_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(DataConfig("medpix", str(tmp_path / "nowhere")))
+
+
+@pytest.mark.skipif(not REAL_MEDPIX.exists(), reason=f"real MedPix-2.0 copy not at {REAL_MEDPIX}")
+def test_real_medpix_splits_are_case_disjoint_and_complete():
+    data = PreparedData.load(DataConfig("medpix", str(REAL_MEDPIX), image_size=32))
+    assert [len(data.records[s]) for s in ("train", "dev", "test")] == [1653, 197, 200]
+    assert data.vocab.classes == (("CT", "MR"), ("Abdomen", "Head", "Reproductive and Urinary System",
+                                                 "Spine and Muscles", "Thorax"))
+    cases = {s: {r.image_id.split("_")[0] for r in data.records[s]} for s in data.records}
+    assert not (cases["train"] & cases["dev"]) and not (cases["train"] & cases["test"])
+    assert not (cases["dev"] & cases["test"])
+    images = data.images("dev")
+    assert images.shape == (197, 3, 32, 32) and images.dtype == torch.uint8
+
+
+@pytest.mark.skipif(not REAL_WOUND.exists(), reason=f"real Wound-1-0 metadata not at {REAL_WOUND}")
+def test_real_wound_metadata_without_images():
+    records = load_splits(DataConfig("wound", str(REAL_WOUND)))
+    assert [len(records[s]) for s in ("train", "dev", "test")] == [1094, 235, 235]
+    assert len({r.labels[0] for r in records["train"]}) == 10
+    assert {r.labels[1] for r in records["train"]} == {"Mild", "Moderate", "Severe"}
+    assert all(r.text for r in records["test"])
+    # The images are not on this machine: loading for training says which one is missing.
+    with pytest.raises(DataError, match=r"missing image .*images/\w+\.png for train record"):
+        PreparedData.load(DataConfig("wound", str(REAL_WOUND)))
