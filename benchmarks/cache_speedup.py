@@ -3,7 +3,7 @@
 Same data, student, loss and seed for both; only where the teacher's outputs come from
 differs. Weights are random (speed does not depend on them), so no download is needed.
 
-    .venv/bin/python benchmarks/cache_speedup.py --steps 20
+    .venv/bin/python benchmarks/cache_speedup.py --steps 20 [--medpix ../shared/data/medpix-2.0]
 """
 
 from __future__ import annotations
@@ -29,21 +29,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps timed per mode")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--medpix", default=None,
+                        help="a MedPix-2.0 folder (real captions, real images); default: synthetic data")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n_train = args.batch_size * args.steps
-        root = make_synthetic_medpix(tmp / "data", sizes=(n_train, 16, 16), image_size=args.image_size)
+        root = args.medpix or make_synthetic_medpix(tmp / "data", sizes=(n_train, 16, 16), image_size=args.image_size)
         data = PreparedData.load(DataConfig("medpix", str(root), image_size=args.image_size,
                                             max_length=args.max_length))
+        # Time the same number of samples either way: the first n_train training records.
+        data.records["train"] = data.records["train"][:n_train]
+        data.labels["train"] = data.labels["train"][:n_train]
+        for split in ("dev", "test"):
+            data.records[split], data.labels[split] = data.records[split][:32], data.labels[split][:32]
         for split in ("train", "dev", "test"):
             data.images(split)
         t_vision, t_text = args.teacher.split("+")
         s_vision, s_text = args.student.split("+")
         teacher_cfg = ModelConfig(t_vision, t_text, fusion_dim=384, fusion_heads=8)
         student_cfg = ModelConfig(s_vision, s_text, fusion_dim=384, fusion_layers=2, fusion_heads=4)
-        # Random-weight models still need their tokenizers: use the real ones where installed.
         teacher_path = tmp / "teacher.pt"
         save_checkpoint(teacher_path, teacher_cfg.build(data.vocab.num_classes), teacher_cfg, data.vocab, data)
         cfg = TrainConfig(epochs=1, batch_size=args.batch_size, device=args.device, bf16=args.bf16,

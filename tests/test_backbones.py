@@ -94,3 +94,14 @@ def test_offline_package_weights_are_sha256_verified(tmp_path):
             build_backbone("tiny-vit-pkg-test", pretrained=True)
     finally:
         del backbones.BACKBONES["tiny-vit-pkg-test"]
+
+
+@pytest.mark.parametrize("name", [n for n in list_backbones() if get_spec(n).offline is not None])
+def test_random_architecture_matches_offline_weights(name):
+    """A checkpoint rebuilds its model with random weights: the shapes must be the pretrained ones."""
+    spec = get_spec(name)
+    if spec.offline.locate() is None:
+        pytest.skip(f"offline weights for {name} not installed (`make offline-weights`)")
+    pretrained = build_backbone(name, pretrained=True).state_dict()
+    random = build_backbone(name, pretrained=False).state_dict()
+    assert {k: v.shape for k, v in random.items()} == {k: v.shape for k, v in pretrained.items()}

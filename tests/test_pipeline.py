@@ -1,0 +1,129 @@
+"""The real pipeline (dvc.yaml + papermill notebooks) on tiny synthetic data, as CI runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from medkd.data import make_synthetic_medpix, make_synthetic_wound
+from medkd.models import build_model
+from medkd.report import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=isinstance(cmd, str))
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def _project(tmp: Path, params: Path) -> Path:
+    for item in ("dvc.yaml", "notebooks", "medkd"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / item)
+    shutil.copy(params, tmp / "params.yaml")
+    _run(["git", "init", "-q"], tmp)
+    _run(["dvc", "init", "-q"], tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = _project(tmp_path_factory.mktemp("study"), REPO / "configs" / "ci.yaml")
+    make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(32, 12, 12), image_size=32)
+    make_synthetic_wound(root / "data" / "wound-1-0", sizes=(32, 12, 12), image_size=32)
+    _run(["dvc", "add", "-q", "data"], root)
+    _run("git add -A && git -c user.email=ci@example.com -c user.name=ci commit -qm init", root)
+    log = _run(["dvc", "repro"], root)
+    return root, log
+
+
+def test_every_stage_ran_and_wrote_its_outputs(pipeline):
+    root, log = pipeline
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    stages = [f"prepare@{d}" for d in params["data"]] + [f"teacher@{d}" for d in params["teachers"]]
+    stages += [f"distill@{s}" for s in params["students"]] + ["optuna", "report"]
+    for stage in stages:
+        assert f"Running stage '{stage}'" in log
+    for name in ("prepare-medpix", "teacher-wound", "distill-tiny-c", "optuna", "report"):
+        nb = json.loads((root / "reports" / "notebooks" / f"{name}.ipynb").read_text())
+        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), name
+    for item in ("results.md", "table_medpix.csv", "table_wound.csv", "hyperparameters.csv",
+                 "f1_per_model.png", "params_vs_f1.png", "confusion_matrices.png", "training_curves.png"):
+        assert (root / "reports" / "results" / item).stat().st_size > 0, item
+    assert (root / "reports" / "optuna" / "optimization_history.png").exists()
+    assert (root / "reports" / "data" / "wound" / "manifest_test.csv").exists()
+    assert (root / "models" / "medpix" / "teacher_cache.pt").exists()
+
+
+def test_status_clean_and_second_repro_is_a_noop(pipeline):
+    root, _ = pipeline
+    assert "up to date" in _run(["dvc", "status"], root)
+    assert "Running stage" not in _run(["dvc", "repro"], root)
+
+
+def test_table_f1_recomputes_from_prediction_files(pipeline):
+    root, _ = pipeline
+    table = pd.read_csv(root / "reports" / "results" / "table_medpix.csv")
+    teacher = load_run(root / "reports" / "teachers" / "medpix")
+    frame = pd.read_csv(root / "reports" / "teachers" / "medpix" / "predictions_test.csv")
+    from sklearn.metrics import f1_score
+    f1 = f1_score(frame["modality_true"], frame["modality_pred"], average="macro")
+    assert table.iloc[0]["Test Modality F1"] == pytest.approx(round(f1, 3), abs=1e-9)
+    assert teacher["test"]["modality"]["f1_macro"] == pytest.approx(f1)
+    assert table.iloc[0]["Improvement"] == "Baseline"
+
+
+def test_metrics_and_plots_commands_work(pipeline):
+    root, _ = pipeline
+    assert "tuned.test_avg_f1" in _run(["dvc", "metrics", "show"], root)
+    _run(["dvc", "plots", "show", "-o", "plots-out"], root)
+    assert (root / "plots-out" / "index.html").exists()
+
+
+def test_changing_one_student_reruns_only_it_and_the_report(pipeline):
+    root, _ = pipeline
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["students"]["tiny-b"]["text_weights"] = None
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(["dvc", "status"], root)
+    changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+    assert changed == {"distill@tiny-b", "report"}, status
+
+
+def test_missing_data_set_fails_prepare_with_instructions(tmp_path):
+    root = _project(tmp_path, REPO / "configs" / "ci.yaml")
+    make_synthetic_wound(root / "data" / "wound-1-0", sizes=(32, 12, 12), image_size=32)
+    (root / "data" / "medpix-2.0").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["dvc", "repro", "prepare@medpix"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "DataError: data set 'medpix' is not at" in done.stdout + done.stderr
+    assert "run `make data`" in done.stdout + done.stderr
+
+
+def test_paper_preset_parses_builds_its_dag_and_models(tmp_path):
+    params = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    assert params["data"]["medpix"]["image_size"] == 224 and params["distill"]["train"]["epochs"] == 10
+    root = _project(tmp_path, REPO / "configs" / "paper.yaml")
+    dag = _run(["dvc", "dag", "--md"], root)
+    for stage in ("prepare@wound", "teacher@medpix", "distill@wound-deit-tiny-minilm", "optuna", "report"):
+        assert stage in dag
+    from medkd.pipeline import student_configs
+    with torch.device("meta"):
+        for dataset, teacher in params["teachers"].items():
+            assert build_model(num_classes=(2, 5), **{**teacher["model"], "pretrained": False})
+        for student in params["students"]:
+            for variant in ("tuned", "baseline"):
+                model_cfg, _, _ = student_configs(params, student, variant)
+                assert model_cfg.build((10, 3), pretrained=False).fusion_dim in (256, 384)
