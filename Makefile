@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 OFFLINE_STAMP := $(VENV)/.offline-weights
 # Local copy of the raw data sets (medpix-2.0/, wound-1-0/); empty: download from the public sources.
 MEDKD_DATA_MIRROR ?= ../shared/data
+# Stage commands (papermill, python) come from the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 
