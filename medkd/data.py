@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 SPLITS = ("train", "dev", "test")
 # The study's batch keys call the two tasks `modality` and `location` for every data set.

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from medkd.backbones import build_tokenizer
 from medkd.data import SPLITS, TASK_KEYS, PreparedData, Vocab, make_loader
