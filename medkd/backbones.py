@@ -268,6 +268,7 @@ def _build_hf_text(spec: BackboneSpec, pretrained: bool, weights) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the unused pooler of sentence encoders is expected
+    hf_logging.disable_progress_bar()
     source, location = resolve_weights(spec, weights)
     local_only = source != "hub"
     return _load_or_explain(

@@ -267,6 +267,7 @@ def plot_f1_per_model(runs: pd.DataFrame, path: Path) -> None:
                              "F1": list(sub.task1_f1) + list(sub.task2_f1) + list(sub.avg_f1)})
         sns.barplot(long, y="run", x="F1", hue="metric", ax=ax)
         ax.set_xlim(0, 1)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="test macro-F1")
         ax.set_title(f"{dataset}: test macro-F1 per model")
         ax.set_ylabel("")
     _save(fig, path)

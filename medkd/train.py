@@ -372,7 +372,9 @@ def _fit(
             seen += n
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-            bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", sps=f"{seen / (time.perf_counter() - start):.1f}")
+            # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
+            bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", sps=f"{seen / (time.perf_counter() - start):.1f}",
+                            refresh=False)
         dev = evaluate_dev()
         row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - start,
