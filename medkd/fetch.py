@@ -53,11 +53,9 @@ def from_github(source: Source, dest: Path) -> None:
         payload = response.read()
 
     def extract(tmp: Path) -> None:
-        prefix = None
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
             for member in tar.getmembers():
-                top, _, rest = member.name.partition("/")
-                prefix = prefix or top
+                _, _, rest = member.name.partition("/")  # drop GitHub's "<repo>-<commit>/" prefix
                 if not rest.startswith(source.folder + "/") or not member.isfile():
                     continue
                 relative = Path(rest[len(source.folder) + 1:])
