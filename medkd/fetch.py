@@ -15,38 +15,23 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Source:
-    name: str  # folder under data/
-    repo: str
-    commit: str
-    folder: str  # folder inside the repository
-    marker: str  # a file that a complete copy has
+from medkd.datasets import DATASETS, DatasetSpec
+from medkd.files import replace_dir
 
 
-SOURCES = (
-    Source("medpix-2.0", "CHILab1/MedPix-2.0", "d3bc431576ec8041114806ec3eb58d75adf45029", "MedPix-2-0",
-           "Descriptions.json"),
-    Source("wound-1-0", "rupeshsah2038/Multi-Modal", "e0879366d149dd398da947bc121c2ecf4d8c2eac",
-           "datasets/Wound-1-0", "metadata_train.csv"),
-)
-
-
-def from_mirror(source: Source, mirror: Path, dest: Path) -> bool:
-    origin = mirror / source.name
-    if not (origin / source.marker).exists():
+def from_mirror(spec: DatasetSpec, mirror: Path, dest: Path) -> bool:
+    origin = mirror / spec.folder
+    if not (origin / spec.marker).exists():
         return False
-    _replace_with(dest, lambda tmp: shutil.copytree(origin, tmp, dirs_exist_ok=True))
+    replace_dir(dest, lambda tmp: shutil.copytree(origin, tmp, dirs_exist_ok=True))
     return True
 
 
-def from_github(source: Source, dest: Path) -> None:
+def from_github(spec: DatasetSpec, dest: Path) -> None:
+    source = spec.fetch
     url = f"https://codeload.github.com/{source.repo}/tar.gz/{source.commit}"
     print(f"downloading {url} ...", file=sys.stderr)
     with urllib.request.urlopen(url, timeout=60) as response:
@@ -63,24 +48,10 @@ def from_github(source: Source, dest: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as f, open(target, "wb") as out:
                     shutil.copyfileobj(f, out)
-        if not (tmp / source.marker).exists():
-            raise RuntimeError(f"{url}: no {source.folder}/{source.marker} in the archive")
+        if not (tmp / spec.marker).exists():
+            raise RuntimeError(f"{url}: no {source.folder}/{spec.marker} in the archive")
 
-    _replace_with(dest, extract)
-
-
-def _replace_with(dest: Path, fill) -> None:
-    """Fill a temporary sibling folder, then swap it in: never a half-copied data set."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        fill(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    replace_dir(dest, extract)
 
 
 def main(argv=None) -> int:
@@ -91,21 +62,22 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace data sets already present")
     args = parser.parse_args(argv)
     missing = []
-    for source in SOURCES:
-        dest = args.dest / source.name
-        if (dest / source.marker).exists() and not args.force:
+    for spec in DATASETS.values():
+        dest = args.dest / spec.folder
+        if (dest / spec.marker).exists() and not args.force:
             print(f"{dest}: present")
             continue
-        if args.mirror and from_mirror(source, args.mirror, dest):
-            print(f"{dest}: copied from {args.mirror / source.name}")
-        elif args.online:
-            from_github(source, dest)
-            print(f"{dest}: downloaded from github.com/{source.repo}@{source.commit[:8]}")
+        if args.mirror and from_mirror(spec, args.mirror, dest):
+            print(f"{dest}: copied from {args.mirror / spec.folder}")
+        elif args.online and spec.fetch is not None:
+            from_github(spec, dest)
+            print(f"{dest}: downloaded from github.com/{spec.fetch.repo}@{spec.fetch.commit[:8]}")
         else:
-            missing.append(source)
-    for source in missing:
-        print(f"{args.dest / source.name}: not found in mirror {args.mirror}; run with --online to download "
-              f"github.com/{source.repo}/tree/{source.commit}/{source.folder}", file=sys.stderr)
+            missing.append(spec)
+    for spec in missing:
+        where = (f"run with --online to download github.com/{spec.fetch.repo}/tree/{spec.fetch.commit}/"
+                 f"{spec.fetch.folder}" if spec.fetch else "it has no public source")
+        print(f"{args.dest / spec.folder}: not found in mirror {args.mirror}; {where}", file=sys.stderr)
     return 0
 
 

@@ -1,19 +1,61 @@
-"""Distillation losses: each term is a small module, `CombinedLoss` only weights and sums them.
+"""Distillation losses: each term is a small module; `CombinedLoss` only weights and sums them.
 
-total = w_ce·CE + alpha·KL + beta·MSE + gamma·CRD   (study: 1·CE + 0.518·KL + 112.4·MSE + 10·CRD)
+total = Σ_term weight[term] · term      (study: 1·ce + 0.518·kl + 112.4·mse + 10·crd)
+
+Every term has one name from params.yaml (`loss.weights.<term>`) through `LossConfig` to the
+logged parts (`train_<term>` in a run's history). Each term module is called as
+`term(s_out, t_out, labels, index)`. Adding a term = one module + one entry in `TERMS`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medkd.config import FromMapping
+from medkd.models import TASK_LOGITS
+
 Outputs = Mapping[str, torch.Tensor]
-TASK_LOGITS = ("logits_modality", "logits_location")
+STUDY_WEIGHTS = {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
+
+
+@dataclass(frozen=True)
+class LossConfig(FromMapping):
+    """`loss:` sections of params.yaml; the single place where the loss defaults live (the study's).
+
+    `weights` maps term names (see `TERMS`) to their weights; a term left out, or weighted 0,
+    is neither built nor computed.
+    """
+
+    weights: Mapping[str, float] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
+    temperature: float = 3.19  # kl
+    projection: Literal["fixed", "learned"] = "fixed"  # mse: P fixed orthogonal or trained
+    feat_dim: int = 128  # crd embedding width
+    nce_k: int = 1024  # crd negatives per anchor
+    nce_t: float = 0.07  # crd temperature
+    nce_m: float = 0.5  # crd memory momentum
+
+    def __post_init__(self):
+        unknown = set(self.weights) - set(TERMS)
+        if unknown:
+            raise ValueError(f"loss.weights: unknown term(s) {sorted(unknown)}; terms: {list(TERMS)}")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        object.__setattr__(self, "weights", {name: float(w) for name, w in self.weights.items()})
+
+    @property
+    def active_terms(self) -> list[str]:
+        """Terms with a non-zero weight, in `TERMS` order (the order they are built and summed)."""
+        return [name for name in TERMS if self.weights.get(name, 0.0)]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(TERMS[name].uses_teacher for name in self.active_terms)
 
 
 def kd_kl_loss(
@@ -30,11 +72,24 @@ def kd_kl_loss(
     return kl * temperature**2
 
 
-def two_task_ce(outputs: Outputs, y_mod: torch.Tensor, y_loc: torch.Tensor) -> torch.Tensor:
-    """Sum of the two tasks' cross-entropies against the ground-truth labels."""
-    return F.cross_entropy(outputs["logits_modality"].float(), y_mod) + F.cross_entropy(
-        outputs["logits_location"].float(), y_loc
-    )
+class TaskCrossEntropy(nn.Module):
+    """Σ_tasks CE(logits_task, labels[:, task]) against the ground truth (the teacher is not used)."""
+
+    def forward(self, s_out: Outputs, t_out: Outputs | None, labels: torch.Tensor, index=None) -> torch.Tensor:
+        return F.cross_entropy(s_out[TASK_LOGITS[0]].float(), labels[:, 0]) + F.cross_entropy(
+            s_out[TASK_LOGITS[1]].float(), labels[:, 1]
+        )
+
+
+class SoftTargetKL(nn.Module):
+    """Σ_tasks kd_kl_loss(student logits, teacher logits, T) (Hinton et al., 2015)."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, s_out: Outputs, t_out: Outputs, labels=None, index=None) -> torch.Tensor:
+        return sum(kd_kl_loss(s_out[k], t_out[k], self.temperature) for k in TASK_LOGITS)
 
 
 class FeatureMSELoss(nn.Module):
@@ -52,7 +107,7 @@ class FeatureMSELoss(nn.Module):
         teacher_img_dim: int,
         teacher_txt_dim: int,
         student_dim: int,
-        projection: Literal["fixed", "learned"] = "fixed",
+        projection: Literal["fixed", "learned"],
         seed: int = 0,
     ):
         super().__init__()
@@ -63,7 +118,7 @@ class FeatureMSELoss(nn.Module):
         self.proj_img = _projection(teacher_img_dim, student_dim, projection, generator)
         self.proj_txt = _projection(teacher_txt_dim, student_dim, projection, generator)
 
-    def forward(self, s_out: Outputs, t_out: Outputs) -> torch.Tensor:
+    def forward(self, s_out: Outputs, t_out: Outputs, labels=None, index=None) -> torch.Tensor:
         target_img = self.proj_img(t_out["img_raw"].detach().float())
         target_txt = self.proj_txt(t_out["txt_raw"].detach().float())
         return F.mse_loss(s_out["img_proj"].float(), target_img) + F.mse_loss(
@@ -120,10 +175,10 @@ class CRDLoss(nn.Module):
         s_dim: int,
         t_dim: int,
         n_data: int,
-        feat_dim: int = 128,
-        nce_k: int = 1024,
-        nce_t: float = 0.07,
-        nce_m: float = 0.5,
+        feat_dim: int,
+        nce_k: int,
+        nce_t: float,
+        nce_m: float,
         labels: torch.Tensor | None = None,
         seed: int = 0,
     ):
@@ -175,11 +230,16 @@ class CRDLoss(nn.Module):
 
     def forward(
         self,
-        f_s: torch.Tensor,
-        f_t: torch.Tensor,
-        index: torch.Tensor,
+        s_out: Outputs,
+        t_out: Outputs,
+        labels: torch.Tensor | None,
+        index: torch.Tensor | None,
         contrast_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """CRD of the fused vectors (`s_out["fused"]`, `t_out["fused"]`) of the training samples `index`."""
+        if index is None:
+            raise ValueError("CRD needs the batch's sample `index` (rows of the memory banks)")
+        f_s, f_t = s_out["fused"], t_out["fused"]
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             v_s = self.embed(self.embed_s, f_s)
             v_t = self.embed(self.embed_t, f_t.detach())
@@ -225,80 +285,70 @@ def _random_unit_rows(n: int, dim: int, generator: torch.Generator) -> torch.Ten
     return F.normalize(rows, dim=1)
 
 
-class CombinedLoss(nn.Module):
-    """total = w_ce·CE + alpha·KL + beta·MSE + gamma·CRD; returns every part for logging.
+@dataclass(frozen=True)
+class LossContext:
+    """What the terms need to know about the models and the data to be built."""
 
-    Build with `CombinedLoss.for_models(student, teacher, ...)` so the projection and CRD
-    widths come from the models. All trainable parts (CRD heads, a learned P) are in
-    `self.parameters()`: hand them to the optimizer together with the student's.
+    student_fusion_dim: int
+    teacher_dims: Mapping[str, int] | None  # {'img_dim', 'txt_dim', 'fusion_dim'}; None without a teacher
+    n_data: int  # training samples (CRD memory rows)
+    joint_labels: torch.Tensor | None = None  # task-1 × task-2 label per training sample (CRD negatives)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Term:
+    build: Callable[[LossConfig, LossContext], nn.Module]
+    uses_teacher: bool = True
+
+
+def _teacher_dims(ctx: LossContext, term: str) -> Mapping[str, int]:
+    if ctx.teacher_dims is None:
+        raise ValueError(f"loss term {term!r} distils from a teacher, but no teacher dims were given")
+    return ctx.teacher_dims
+
+
+# Build order = summation order; it is fixed here so that YAML key order never changes results.
+TERMS: dict[str, Term] = {
+    "ce": Term(lambda cfg, ctx: TaskCrossEntropy(), uses_teacher=False),
+    "kl": Term(lambda cfg, ctx: SoftTargetKL(cfg.temperature)),
+    "mse": Term(lambda cfg, ctx: FeatureMSELoss(
+        _teacher_dims(ctx, "mse")["img_dim"], _teacher_dims(ctx, "mse")["txt_dim"], ctx.student_fusion_dim,
+        cfg.projection, ctx.seed)),
+    "crd": Term(lambda cfg, ctx: CRDLoss(
+        ctx.student_fusion_dim, _teacher_dims(ctx, "crd")["fusion_dim"], ctx.n_data, cfg.feat_dim, cfg.nce_k,
+        cfg.nce_t, cfg.nce_m, labels=ctx.joint_labels, seed=ctx.seed)),
+}
+
+
+class CombinedLoss(nn.Module):
+    """total = Σ weight[name] · term(s_out, t_out, labels, index); returns every part for logging.
+
+    Build with `CombinedLoss.from_config(cfg, ctx)`. All trainable parts (CRD heads, a learned P)
+    are in `self.parameters()`: hand them to the optimizer together with the student's.
     """
 
-    def __init__(
-        self,
-        student_fusion_dim: int,
-        teacher_img_dim: int,
-        teacher_txt_dim: int,
-        teacher_fusion_dim: int,
-        n_data: int,
-        joint_labels: torch.Tensor | None = None,
-        w_ce: float = 1.0,
-        alpha: float = 0.518,
-        beta: float = 112.4,
-        gamma: float = 10.0,
-        temperature: float = 3.19,
-        projection: Literal["fixed", "learned"] = "fixed",
-        feat_dim: int = 128,
-        nce_k: int = 1024,
-        nce_t: float = 0.07,
-        nce_m: float = 0.5,
-        seed: int = 0,
-    ):
+    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float]):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.weights = {"ce": w_ce, "kl": alpha, "mse": beta, "crd": gamma}
-        self.temperature = temperature
-        self.feature_mse = FeatureMSELoss(
-            teacher_img_dim, teacher_txt_dim, student_fusion_dim, projection, seed
-        )
-        self.crd = (
-            CRDLoss(
-                student_fusion_dim, teacher_fusion_dim, n_data, feat_dim, nce_k, nce_t, nce_m,
-                labels=joint_labels, seed=seed,
-            )
-            if gamma
-            else None
-        )
+        self.terms = nn.ModuleDict(terms)
+        self.weights = {name: weights[name] for name in terms}
 
     @classmethod
-    def for_models(cls, student: nn.Module, teacher_dims: Mapping[str, int], **kwargs) -> "CombinedLoss":
-        """`teacher_dims`: {'img_dim', 'txt_dim', 'fusion_dim'} (a cache or a teacher supplies them)."""
-        return cls(
-            student.fusion_dim,
-            teacher_dims["img_dim"],
-            teacher_dims["txt_dim"],
-            teacher_dims["fusion_dim"],
-            **kwargs,
-        )
+    def from_config(cls, cfg: LossConfig, ctx: LossContext) -> "CombinedLoss":
+        terms = {name: TERMS[name].build(cfg, ctx) for name in cfg.active_terms}
+        return cls(terms, cfg.weights)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(TERMS[name].uses_teacher for name in self.terms if name in TERMS)
 
     def forward(
         self,
         s_out: Outputs,
-        t_out: Outputs,
-        y_mod: torch.Tensor,
-        y_loc: torch.Tensor,
+        t_out: Outputs | None,
+        labels: torch.Tensor,
         index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        parts = {
-            "ce": two_task_ce(s_out, y_mod, y_loc),
-            "kl": sum(kd_kl_loss(s_out[k], t_out[k], self.temperature) for k in TASK_LOGITS),
-            "mse": self.feature_mse(s_out, t_out),
-        }
-        if self.crd is not None:
-            if index is None:
-                raise ValueError("CombinedLoss with gamma > 0 needs the batch's sample `index` for CRD")
-            parts["crd"] = self.crd(s_out["fused"], t_out["fused"], index)
-        else:
-            parts["crd"] = parts["ce"].new_zeros(())
-        parts["total"] = sum(self.weights[name] * parts[name] for name in self.weights)
+        parts = {name: term(s_out, t_out, labels, index) for name, term in self.terms.items()}
+        parts["total"] = sum(self.weights[name] * parts[name] for name in self.terms)
         return parts

@@ -7,13 +7,17 @@ text  -> text backbone   -> txt_raw -> Linear -> txt_proj ┘      -> dropout ->
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from medkd.backbones import TextBackbone, VisionBackbone, build_backbone
+from medkd.backbones import TextBackbone, VisionBackbone, build_backbone, build_tokenizer
+from medkd.config import FromMapping
 
+# Output keys keep the study's names for every data set: `logits_modality` is task 1's logits and
+# `logits_location` task 2's (for Wound-1-0: type and severity); people read the data set's task names.
 OUTPUT_KEYS = (
     "logits_modality",
     "logits_location",
@@ -23,6 +27,7 @@ OUTPUT_KEYS = (
     "txt_proj",
     "fused",
 )
+TASK_LOGITS = OUTPUT_KEYS[:2]  # (task 1, task 2)
 
 
 class FusionBlock(nn.Module):
@@ -78,10 +83,10 @@ class MultimodalClassifier(nn.Module):
         vision: VisionBackbone,
         text: TextBackbone,
         num_classes: Sequence[int],
-        fusion_dim: int = 384,
-        fusion_layers: int = 1,
-        fusion_heads: int = 8,
-        dropout: float = 0.1,
+        fusion_dim: int,
+        fusion_layers: int,
+        fusion_heads: int,
+        dropout: float,
     ):
         super().__init__()
         if len(num_classes) != 2 or min(num_classes) < 2:
@@ -125,31 +130,42 @@ class MultimodalClassifier(nn.Module):
         }
 
 
-def build_model(
-    vision: str,
-    text: str,
-    num_classes: Sequence[int],
-    fusion_dim: int = 384,
-    fusion_layers: int = 1,
-    fusion_heads: int = 8,
-    dropout: float = 0.1,
-    pretrained: bool = False,
-    vision_weights: str | None = None,
-    text_weights: str | None = None,
-) -> MultimodalClassifier:
-    """Build a classifier from registry names (see `medkd.backbones.list_backbones`).
+@dataclass(frozen=True)
+class ModelConfig(FromMapping):
+    """A classifier by registry names plus its fusion settings: `model:` sections of params.yaml.
 
-    `pretrained=False` never touches the network; `vision_weights`/`text_weights` name a
-    local weights file or directory that takes precedence over every other source.
+    The single place where the model's defaults live (the study's teacher fusion).
     """
+
+    vision: str
+    text: str
+    fusion_dim: int = 384
+    fusion_layers: int = 1
+    fusion_heads: int = 8
+    dropout: float = 0.1
+    pretrained: bool = False
+    vision_weights: str | None = None  # a local weights file or folder; wins over every other source
+    text_weights: str | None = None
+
+    def tokenizer(self):
+        return build_tokenizer(self.text, self.text_weights)
+
+
+def build_model(cfg: ModelConfig, num_classes: Sequence[int], pretrained: bool | None = None) -> MultimodalClassifier:
+    """Build a classifier from its config (see `medkd.backbones.list_backbones` for the names).
+
+    `pretrained=False` (the config's or the argument's) never touches the network;
+    `vision_weights`/`text_weights` name local weights that take precedence over every other source.
+    """
+    pretrained = cfg.pretrained if pretrained is None else pretrained
     return MultimodalClassifier(
-        build_backbone(vision, pretrained=pretrained, weights=vision_weights, modality="vision"),
-        build_backbone(text, pretrained=pretrained, weights=text_weights, modality="text"),
+        build_backbone(cfg.vision, pretrained=pretrained, weights=cfg.vision_weights, modality="vision"),
+        build_backbone(cfg.text, pretrained=pretrained, weights=cfg.text_weights, modality="text"),
         num_classes,
-        fusion_dim=fusion_dim,
-        fusion_layers=fusion_layers,
-        fusion_heads=fusion_heads,
-        dropout=dropout,
+        fusion_dim=cfg.fusion_dim,
+        fusion_layers=cfg.fusion_layers,
+        fusion_heads=cfg.fusion_heads,
+        dropout=cfg.dropout,
     )
 
 

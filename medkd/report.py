@@ -1,13 +1,12 @@
 """Tables and figures: the data report, the study's results tables, and their plots.
 
-Every F1 in the results tables is recomputed here from the committed per-sample prediction
-files, never copied from a metrics file.
+A leaf on the stage side: it draws from what it is given (prepared data, a runs table, params,
+an Optuna study) and reads no run files itself; `medkd.stages.results` collects the runs, with
+every F1 recomputed from the per-sample prediction files (`medkd.metrics.load_run`).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -19,19 +18,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from medkd.data import SPLITS, PreparedData, Vocab  # noqa: E402
-from medkd.train import metrics_from_predictions  # noqa: E402
+from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances  # noqa: E402
+
+from medkd.data import PreparedData, load_image  # noqa: E402
+from medkd.datasets import SPLITS, label_word_pattern  # noqa: E402
+from medkd.files import atomic_write  # noqa: E402
+from medkd.params import get_path  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
 
 def _save(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- data report
@@ -48,20 +47,19 @@ def class_balance(data: PreparedData) -> pd.DataFrame:
     return pd.DataFrame(rows).pivot_table(index=["task", "class"], columns="split", values="n")[list(SPLITS)]
 
 
-# Words that name a MedPix modality inside free text (a caption saying "CT" gives the label away).
-_MODALITY_WORDS = re.compile(r"\b(CT|MR|MRI|T1|T2|FLAIR|DWI|ADC)\b")
-
-
 def text_statistics(data: PreparedData) -> pd.DataFrame:
-    """Words per text and, for MedPix, how often the text names the modality itself."""
+    """Words per text and, for each task whose spec lists label words (MedPix: the modality),
+    how often the text names that label itself (`names_<task>_pct`)."""
+    patterns = {task: label_word_pattern(data.config.spec, task) for task in data.vocab.tasks}
     rows = {}
     for split in SPLITS:
         words = np.array([len(r.text.split()) for r in data.records[split]])
         row = {"n": len(words), "words_mean": round(float(words.mean()), 1),
                "words_median": float(np.median(words)), "words_max": int(words.max())}
-        if data.config.name == "medpix":
-            row["names_modality_pct"] = round(
-                100 * np.mean([bool(_MODALITY_WORDS.search(r.text)) for r in data.records[split]]), 1)
+        for task, pattern in patterns.items():
+            if pattern is not None:
+                row[f"names_{task}_pct"] = round(
+                    100 * np.mean([bool(pattern.search(r.text)) for r in data.records[split]]), 1)
         rows[split] = row
     return pd.DataFrame(rows).T
 
@@ -81,7 +79,6 @@ def plot_examples(data: PreparedData, path: Path, per_class: int = 3) -> None:
     records = data.records["train"]
     classes = data.vocab.classes[0]
     fig, axes = plt.subplots(len(classes), per_class, figsize=(2.6 * per_class, 2.8 * len(classes)), squeeze=False)
-    from medkd.data import load_image
 
     for row, cls in enumerate(classes):
         chosen = [r for r in records if r.labels[0] == cls][:per_class]
@@ -99,10 +96,11 @@ def data_report_markdown(summary: Mapping, balance: pd.DataFrame, text_stats: pd
     lines = [f"# Data report: {summary['dataset']}", "",
              f"Split sizes: {summary['sizes']}. Text input: {summary['text_fields']}.", "",
              "## Classes per split", "", balance.to_markdown(), "", "## Text", "", text_stats.to_markdown(), ""]
-    if "names_modality_pct" in text_stats.columns:
-        lines += ["`names_modality_pct`: share of texts that name the modality (CT, MR, T1, ...). The "
-                  "leakage guard refuses label fields; free-text captions that mention the modality "
-                  "are the study's input as published, so the modality task is partly solvable from text.", ""]
+    for column in (c for c in text_stats.columns if c.startswith("names_")):
+        task = column.removeprefix("names_").removesuffix("_pct")
+        lines += [f"`{column}`: share of texts that name the {task} label themselves. The leakage guard "
+                  f"refuses label fields; free text that mentions the {task} is the study's input as "
+                  f"published, so the {task} task is partly solvable from text.", ""]
     lines += ["![class balance](class_balance.png)", "", "![examples](examples.png)", ""]
     return "\n".join(lines)
 
@@ -111,8 +109,6 @@ def data_report_markdown(summary: Mapping, balance: pd.DataFrame, text_stats: pd
 
 
 def plot_optuna(study, out: Path) -> None:
-    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
-
     ax = plot_optimization_history(study)
     ax.set_title("Optuna: dev average macro-F1 per trial")
     _save(ax.figure, Path(out) / "optimization_history.png")
@@ -134,56 +130,6 @@ def plot_optuna(study, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- results
-
-
-def load_run(run_dir: Path) -> dict:
-    """A finished run's metrics.json plus test metrics recomputed from predictions_test.csv."""
-    run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    tasks = metrics["tasks"]
-    frame = pd.read_csv(run_dir / "predictions_test.csv")
-    classes = tuple(tuple(sorted(c.removeprefix(f"{t}_prob_") for c in frame.columns
-                                 if c.startswith(f"{t}_prob_"))) for t in tasks)
-    vocab = Vocab(tuple(tasks), classes)
-    history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").exists() else None
-    return {"metrics": metrics, "test": metrics_from_predictions(frame, vocab), "vocab": vocab, "history": history}
-
-
-def collect_runs(params: Mapping, paths) -> pd.DataFrame:
-    """One row per finished run: teachers, students (tuned and baseline), the Optuna best."""
-    rows = []
-    for dataset in params.get("teachers", {}):
-        run = load_run(paths.teacher_report(dataset))
-        rows.append(_row(dataset, "Teacher", "teacher", run, params["teachers"][dataset]["model"]))
-    for student, spec in params.get("students", {}).items():
-        for variant in ("tuned", "baseline"):
-            run_dir = paths.student_report(student) / variant
-            if run_dir.exists():
-                rows.append(_row(spec["dataset"], student, variant, load_run(run_dir), spec))
-    best_dir = paths.optuna_report() / "best"
-    if best_dir.exists():
-        student = params["optuna"]["student"]
-        spec = params["students"][student]
-        rows.append(_row(spec["dataset"], student, "optuna-best", load_run(best_dir), spec))
-    return pd.DataFrame(rows)
-
-
-def _row(dataset, name, variant, run, spec) -> dict:
-    tasks = run["metrics"]["tasks"]
-    test = run["test"]
-    return {
-        "dataset": dataset, "model": name, "variant": variant,
-        "backbones": f"{spec['vision']} + {spec['text']}",
-        "parameters": run["metrics"]["parameters"],
-        "task1": tasks[0], "task2": tasks[1],
-        "task1_f1": test[tasks[0]]["f1_macro"], "task2_f1": test[tasks[1]]["f1_macro"],
-        "avg_f1": test["avg_f1"], "task1_acc": test[tasks[0]]["accuracy"], "task2_acc": test[tasks[1]]["accuracy"],
-        "dev_avg_f1": run["metrics"]["dev"]["avg_f1"], "best_epoch": run["metrics"]["best_epoch"],
-        "seconds": run["metrics"]["seconds"], "n_test": test["n"],
-        "confusion1": test[tasks[0]]["confusion"], "confusion2": test[tasks[1]]["confusion"],
-        "classes1": run["vocab"].classes[0], "classes2": run["vocab"].classes[1],
-        "history": run["history"],
-    }
 
 
 def study_table(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -218,26 +164,36 @@ def all_runs_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # The study's baseline teacher settings; the pipeline trains no baseline teacher, the table quotes them.
-STUDY_TEACHER_BASELINE = {"lr": 1e-5, "dropout": 0.1}
+STUDY_TEACHER_BASELINE = {"train.lr": 1e-5, "model.dropout": 0.1}
+# (row label, key path inside a distill variant; None: a teacher-only row)
+HYPERPARAMETER_ROWS = (
+    ("KL weight (alpha)", "loss.weights.kl"),
+    ("MSE weight (beta)", "loss.weights.mse"),
+    ("CRD weight (gamma)", "loss.weights.crd"),
+    ("T (temperature)", "loss.temperature"),
+    ("Teacher LR", None, "train.lr"),
+    ("Student LR", "train.lr"),
+    ("Fusion dim", "model.fusion_dim"),
+    ("Student fusion layers", "model.fusion_layers"),
+    ("Student fusion heads", "model.fusion_heads"),
+    ("Teacher dropout", None, "model.dropout"),
+    ("Student dropout", "model.dropout"),
+)
 
 
 def hyperparameter_table(params: Mapping, best: Mapping | None = None) -> pd.DataFrame:
-    """Baseline vs optimized (the study's values), and this run's Optuna best where present."""
-    d = params["distill"]
+    """Baseline vs optimized (the study's values), and this run's Optuna best where present.
+
+    Optuna's parameters are named by the same key paths as the distill variants (`loss.weights.kl`).
+    """
+    distill = params["distill"]
     teacher = next(iter(params["teachers"].values()))
-    rows = [
-        ("alpha (KL weight)", d["baseline"]["loss"].get("alpha"), d["tuned"]["loss"].get("alpha"), "alpha"),
-        ("beta (MSE weight)", d["baseline"]["loss"].get("beta"), d["tuned"]["loss"].get("beta"), "beta"),
-        ("gamma (CRD weight)", d["baseline"]["loss"].get("gamma"), d["tuned"]["loss"].get("gamma"), "gamma"),
-        ("T (temperature)", d["baseline"]["loss"].get("temperature"), d["tuned"]["loss"].get("temperature"), "temperature"),
-        ("Teacher LR", STUDY_TEACHER_BASELINE["lr"], teacher["train"].get("lr"), None),
-        ("Student LR", d["baseline"]["train"].get("lr"), d["tuned"]["train"].get("lr"), "lr"),
-        ("Fusion dim", d["baseline"]["model"].get("fusion_dim"), d["tuned"]["model"].get("fusion_dim"), "fusion_dim"),
-        ("Student fusion layers", d["baseline"]["model"].get("fusion_layers"), d["tuned"]["model"].get("fusion_layers"), "fusion_layers"),
-        ("Student fusion heads", d["baseline"]["model"].get("fusion_heads"), d["tuned"]["model"].get("fusion_heads"), "fusion_heads"),
-        ("Teacher dropout", STUDY_TEACHER_BASELINE["dropout"], teacher["model"].get("dropout"), None),
-        ("Student dropout", d["baseline"]["model"].get("dropout"), d["tuned"]["model"].get("dropout"), "dropout"),
-    ]
+    rows = []
+    for label, path, *teacher_path in HYPERPARAMETER_ROWS:
+        if path is None:
+            rows.append((label, STUDY_TEACHER_BASELINE[teacher_path[0]], get_path(teacher, teacher_path[0], None), None))
+        else:
+            rows.append((label, get_path(distill["baseline"], path, None), get_path(distill["tuned"], path, None), path))
     table = pd.DataFrame(rows, columns=["Parameter", "Baseline", "Optimized", "key"])
     if best:
         table["Optuna best (this run)"] = [
@@ -333,29 +289,3 @@ def results_markdown(runs: pd.DataFrame, params: Mapping, hyper: pd.DataFrame, o
     lines += ["## Figures", "", "![F1 per model](f1_per_model.png)", "", "![parameters vs F1](params_vs_f1.png)", "",
               "![training curves](training_curves.png)", "", "![confusion matrices](confusion_matrices.png)", ""]
     return "\n".join(lines)
-
-
-def report_stage(params: Mapping, root: Path | None = None) -> dict:
-    from medkd.pipeline import Paths, _reset_dir, project_root
-
-    root = root or project_root()
-    paths = Paths(root)
-    out = _reset_dir(paths.results())
-    runs = collect_runs(params, paths)
-    best_file = paths.optuna_report() / "best_params.json"
-    best = json.loads(best_file.read_text()) if best_file.exists() else None
-    optuna_file = paths.metrics("optuna")
-    optuna_metrics = json.loads(optuna_file.read_text()) if optuna_file.exists() else None
-    hyper = hyperparameter_table(params, best)
-    tables = {}
-    for dataset in runs.dataset.unique():
-        tables[dataset] = study_table(runs, dataset)
-        tables[dataset].to_csv(out / f"table_{dataset}.csv", index=False)
-    all_runs_table(runs).to_csv(out / "all_runs.csv", index=False)
-    hyper.to_csv(out / "hyperparameters.csv", index=False)
-    plot_f1_per_model(runs, out / "f1_per_model.png")
-    plot_params_vs_f1(runs, out / "params_vs_f1.png")
-    plot_confusions(runs, out / "confusion_matrices.png")
-    plot_training_curves(runs, out / "training_curves.png")
-    (out / "results.md").write_text(results_markdown(runs, params, hyper, optuna_metrics))
-    return {"runs": runs, "tables": tables, "hyper": hyper, "out": out}

@@ -6,74 +6,36 @@ outputs come from, the loss) is passed in, nanoGPT-style, not subclassed.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
-import os
 import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch import nn
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
-from medkd.backbones import build_tokenizer
-from medkd.data import SPLITS, TASK_KEYS, PreparedData, Vocab, make_loader
-from medkd.losses import CombinedLoss, two_task_ce
-from medkd.models import MultimodalClassifier, build_model, count_parameters
+from medkd.config import FromMapping
+from medkd.data import PreparedData, make_loader
+from medkd.datasets import Vocab
+from medkd.files import atomic_write, write_json
+from medkd.losses import CombinedLoss, LossConfig, LossContext
+from medkd.metrics import metrics_from_predictions, predictions_frame
+from medkd.models import TASK_LOGITS, ModelConfig, MultimodalClassifier, build_model, count_parameters
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-1"
 TEACHER_CACHE_KEYS = ("logits_modality", "logits_location", "img_raw", "txt_raw", "fused")
 
 
-# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class TrainConfig(FromMapping):
+    """`train:` sections of params.yaml (plus `seed` and `runtime:`); the single place of their defaults."""
 
-
-class _FromDict:
-    @classmethod
-    def from_dict(cls, cfg: Mapping | None):
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**cfg)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class ModelConfig(_FromDict):
-    vision: str
-    text: str
-    fusion_dim: int = 384
-    fusion_layers: int = 1
-    fusion_heads: int = 8
-    dropout: float = 0.1
-    pretrained: bool = False
-    vision_weights: str | None = None
-    text_weights: str | None = None
-
-    def build(self, num_classes, pretrained: bool | None = None) -> MultimodalClassifier:
-        cfg = self.to_dict()
-        if pretrained is not None:
-            cfg["pretrained"] = pretrained
-        return build_model(num_classes=num_classes, **cfg)
-
-    def tokenizer(self):
-        return build_tokenizer(self.text, self.text_weights)
-
-
-@dataclass
-class TrainConfig(_FromDict):
     epochs: int = 3
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -86,20 +48,6 @@ class TrainConfig(_FromDict):
     bf16: bool = True  # autocast; on CPU 1.3-2.4x faster here
     augment: bool = False  # random flip/shift; forces a live teacher when distilling
     max_steps_per_epoch: int | None = None  # for smoke runs
-
-
-@dataclass
-class LossConfig(_FromDict):
-    w_ce: float = 1.0
-    alpha: float = 0.518
-    beta: float = 112.4
-    gamma: float = 10.0
-    temperature: float = 3.19
-    projection: str = "fixed"
-    feat_dim: int = 128
-    nce_k: int = 1024
-    nce_t: float = 0.07
-    nce_m: float = 0.5
 
 
 # --------------------------------------------------------------------------- utilities
@@ -123,24 +71,6 @@ def seed_everything(seed: int) -> None:
 
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -172,9 +102,7 @@ def save_checkpoint(path: Path, model: MultimodalClassifier, model_cfg: ModelCon
         "format": CHECKPOINT_FORMAT,
         "model_config": model_cfg.to_dict(),
         "vocab": vocab.to_dict(),
-        "data": {"name": data.config.name, "image_size": data.config.image_size,
-                 "max_length": data.config.max_length, "text_fields": list(data.config.text_fields),
-                 "text_column": data.config.text_column},
+        "data": data.config.to_dict(),
         "dims": {"img_dim": model.img_dim, "txt_dim": model.txt_dim, "fusion_dim": model.fusion_dim},
         "fingerprint": fingerprint,
         "state_dict": state,
@@ -191,7 +119,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Mul
         raise ValueError(f"{path} is not a medkd checkpoint (expected format {CHECKPOINT_FORMAT})")
     cfg = ModelConfig.from_dict(payload["model_config"])
     vocab = Vocab.from_dict(payload["vocab"])
-    model = cfg.build(vocab.num_classes, pretrained=False)
+    model = build_model(cfg, vocab.num_classes, pretrained=False)
     model.load_state_dict(payload["state_dict"])
     return model.to(device), payload
 
@@ -214,48 +142,13 @@ def predict(model: nn.Module, loader, device: torch.device, role: str, bf16: boo
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
-def task_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
-    return {
-        "f1_macro": float(f1_score(y_true, y_pred, average="macro")),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "confusion": confusion_matrix(y_true, y_pred, labels=list(range(n_classes))).tolist(),
-    }
-
-
-def predictions_frame(outputs: Mapping[str, torch.Tensor], data: PreparedData, split: str) -> pd.DataFrame:
-    """Per-sample predictions: index, image id, true and predicted class, class probabilities."""
-    index = outputs["index"].numpy()
-    vocab = data.vocab
-    frame = {"index": index, "image_id": [data.records[split][i].image_id for i in index]}
-    labels = data.labels[split][index].numpy()
-    for t, key in enumerate(("logits_modality", "logits_location")):
-        task, classes = vocab.tasks[t], vocab.classes[t]
-        probs = torch.softmax(outputs[key], dim=1).numpy()
-        frame[f"{task}_true"] = [classes[i] for i in labels[:, t]]
-        frame[f"{task}_pred"] = [classes[i] for i in probs.argmax(1)]
-        for c, name in enumerate(classes):
-            frame[f"{task}_prob_{name}"] = probs[:, c]
-    return pd.DataFrame(frame)
-
-
-def metrics_from_predictions(frame: pd.DataFrame, vocab: Vocab) -> dict:
-    """The metrics of a predictions file: every reported number can be recomputed from it."""
-    result = {}
-    for t, task in enumerate(vocab.tasks):
-        lookup = {c: i for i, c in enumerate(vocab.classes[t])}
-        y_true = frame[f"{task}_true"].map(lookup).to_numpy()
-        y_pred = frame[f"{task}_pred"].map(lookup).to_numpy()
-        result[task] = task_metrics(y_true, y_pred, len(vocab.classes[t]))
-    result["avg_f1"] = float(np.mean([result[t]["f1_macro"] for t in vocab.tasks]))
-    result["n"] = int(len(frame))
-    return result
-
-
 def evaluate(model: nn.Module, data: PreparedData, split: str, tokenizer, role: str,
              cfg: TrainConfig, device: torch.device) -> tuple[dict, pd.DataFrame]:
     loader = make_loader(data.dataset(split, {role: tokenizer}), cfg.eval_batch_size, shuffle=False)
     outputs = predict(model, loader, device, role, cfg.bf16, desc=f"eval {split}")
-    frame = predictions_frame(outputs, data, split)
+    image_ids = [r.image_id for r in data.records[split]]
+    frame = predictions_frame(outputs["index"], [outputs[k] for k in TASK_LOGITS], image_ids, data.labels[split],
+                              data.vocab)
     return metrics_from_predictions(frame, data.vocab), frame
 
 
@@ -266,7 +159,7 @@ def teacher_cache_key(fingerprint: str, data: PreparedData, bf16: bool) -> str:
     cfg = data.config
     ids = "\n".join(r.image_id for r in data.records["train"])
     parts = [fingerprint, cfg.name, str(cfg.image_size), str(cfg.max_length), repr(cfg.text_fields),
-             cfg.text_column, hashlib.sha256(ids.encode()).hexdigest(), f"bf16={bf16}"]
+             repr(cfg.label_fields), hashlib.sha256(ids.encode()).hexdigest(), f"bf16={bf16}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -326,37 +219,57 @@ class RunResult:
     seconds: float = 0.0
 
 
-def _linear_warmup_decay(optimizer, total_steps: int, warmup_ratio: float):
-    from transformers import get_linear_schedule_with_warmup
+class BestEpoch(NamedTuple):
+    """The epoch with the highest dev average macro-F1 so far, and the weights it had."""
 
-    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+    score: float
+    epoch: int
+    dev: dict
+    state: dict | None
+
+
+@dataclass
+class RunContext:
+    """One training run: what it trains, on what, where its outputs go."""
+
+    model: MultimodalClassifier
+    model_cfg: ModelConfig
+    data: PreparedData
+    tokenizer: object
+    role: str  # "teacher" | "student": which tokenized inputs the model reads
+    cfg: TrainConfig
+    device: torch.device
+    out_dir: Path
+    checkpoint_path: Path | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def evaluate(self, split: str) -> tuple[dict, pd.DataFrame]:
+        return evaluate(self.model, self.data, split, self.tokenizer, self.role, self.cfg, self.device)
 
 
 def _fit(
-    model: MultimodalClassifier,
+    run: RunContext,
     compute_loss: Callable[[dict], dict[str, torch.Tensor]],
     extra_params: list[nn.Parameter],
     train_loader,
-    evaluate_dev: Callable[[], dict],
-    cfg: TrainConfig,
-    device: torch.device,
-    desc: str,
     report_epoch: Callable[[int, float], None] | None = None,
-) -> tuple[dict, int, dict, list[dict]]:
-    """Train; return the best state (by dev average macro-F1), its epoch, dev metrics, history."""
+) -> tuple[BestEpoch, list[dict]]:
+    """Train; return the best epoch (by dev average macro-F1) and the per-epoch history."""
+    model, cfg, device = run.model, run.cfg, run.device
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    scheduler = _linear_warmup_decay(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
-    best = (-1.0, 0, {}, None)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    best = BestEpoch(-1.0, 0, {}, None)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         sums: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{desc} epoch {epoch}/{cfg.epochs}")
+        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{run.role} epoch {epoch}/{cfg.epochs}")
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
@@ -375,41 +288,40 @@ def _fit(
             # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
             bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", sps=f"{seen / (time.perf_counter() - start):.1f}",
                             refresh=False)
-        dev = evaluate_dev()
+        dev = run.evaluate("dev")[0]
         row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - start,
                **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in dev if isinstance(dev[t], dict)}}
         history.append(row)
-        tqdm.write(f"{desc} epoch {epoch}: train loss {row['train_total']:.4f}, dev avg F1 {dev['avg_f1']:.4f}")
-        if dev["avg_f1"] > best[0]:
+        tqdm.write(f"{run.role} epoch {epoch}: train loss {row['train_total']:.4f}, dev avg F1 {dev['avg_f1']:.4f}")
+        if dev["avg_f1"] > best.score:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = (dev["avg_f1"], epoch, dev, state)
+            best = BestEpoch(dev["avg_f1"], epoch, dev, state)
         if report_epoch is not None:
             report_epoch(epoch, dev["avg_f1"])
-    return best[3], best[1], best[2], history
+    return best, history
 
 
-def _finish(model, model_cfg, state, best_epoch, dev, history, data, tokenizer, role, cfg, device,
-            out_dir: Path, started: float, extra: Mapping | None = None, evaluate_test: bool = True,
-            checkpoint_path: Path | None = None) -> RunResult:
+def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mapping | None = None,
+            evaluate_test: bool = True) -> RunResult:
     """Restore the best weights, evaluate dev/test, write checkpoint, predictions and metrics."""
-    model.load_state_dict(state)
-    out_dir = Path(out_dir)
-    ckpt = Path(checkpoint_path) if checkpoint_path else out_dir / "model.pt"
-    save_checkpoint(ckpt, model, model_cfg, data.vocab, data, {"best_epoch": best_epoch, **(extra or {})})
-    results = {"dev": dev}
-    splits = ("dev", "test") if evaluate_test else ("dev",)
-    for split in splits:
-        metrics, frame = evaluate(model, data, split, tokenizer, role, cfg, device)
+    run.model.load_state_dict(best.state)
+    out_dir = Path(run.out_dir)
+    ckpt = Path(run.checkpoint_path) if run.checkpoint_path else out_dir / "model.pt"
+    save_checkpoint(ckpt, run.model, run.model_cfg, run.data.vocab, run.data,
+                    {"best_epoch": best.epoch, **(extra or {})})
+    results = {"dev": best.dev}
+    for split in ("dev", "test") if evaluate_test else ("dev",):
+        metrics, frame = run.evaluate(split)
         results[split] = metrics
         atomic_write(out_dir / f"predictions_{split}.csv", lambda p, f=frame: f.to_csv(p, index=False))
-    seconds = time.perf_counter() - started
-    n_params = count_parameters(model)
-    summary = {"parameters": n_params, "best_epoch": best_epoch, "seconds": round(seconds, 1),
-               "tasks": list(data.vocab.tasks), **results}
+    seconds = time.perf_counter() - run.started
+    n_params = count_parameters(run.model)
+    summary = {"parameters": n_params, "best_epoch": best.epoch, "seconds": round(seconds, 1),
+               "tasks": list(run.data.vocab.tasks), **results}
     write_json(out_dir / "metrics.json", summary)
     atomic_write(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
-    return RunResult(ckpt, best_epoch, results["dev"], results.get("test"), history, n_params, seconds)
+    return RunResult(ckpt, best.epoch, results["dev"], results.get("test"), history, n_params, seconds)
 
 
 def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
@@ -422,22 +334,20 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    model = model_cfg.build(data.vocab.num_classes).to(device)
-    tokenizer = model_cfg.tokenizer()
-    train_set = data.dataset("train", {"teacher": tokenizer}, augment=cfg.augment)
-    loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    model = build_model(model_cfg, data.vocab.num_classes).to(device)
+    run = RunContext(model, model_cfg, data, model_cfg.tokenizer(), "teacher", cfg, device, out_dir,
+                     checkpoint_path, started)
+    loss_fn = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}),
+                                       LossContext(model.fusion_dim, None, len(data.records["train"])))
+    loader = make_loader(data.dataset("train", {"teacher": run.tokenizer}, augment=cfg.augment), cfg.batch_size,
+                         shuffle=True, seed=cfg.seed)
 
     def compute_loss(batch):
         out = model(*batch_inputs(batch, "teacher", device))
-        ce = two_task_ce(out, batch[TASK_KEYS[0]].to(device), batch[TASK_KEYS[1]].to(device))
-        return {"total": ce}
+        return loss_fn(out, None, batch["labels"].to(device))
 
-    def evaluate_dev():
-        return evaluate(model, data, "dev", tokenizer, "teacher", cfg, device)[0]
-
-    state, epoch, dev, history = _fit(model, compute_loss, [], loader, evaluate_dev, cfg, device, "teacher")
-    return _finish(model, model_cfg, state, epoch, dev, history, data, tokenizer, "teacher", cfg, device,
-                   out_dir, started, checkpoint_path=checkpoint_path)
+    best, history = _fit(run, compute_loss, [], loader)
+    return _finish(run, best, history)
 
 
 def distill_student(
@@ -480,11 +390,12 @@ def distill_student(
         teacher_dims = payload["dims"]
 
     seed_everything(cfg.seed)
-    student = model_cfg.build(data.vocab.num_classes).to(device)
-    loss_fn = CombinedLoss.for_models(
-        student, teacher_dims, n_data=len(data.records["train"]),
-        joint_labels=data.joint_train_labels(), seed=cfg.seed, **loss_cfg.to_dict(),
-    ).to(device)
+    student = build_model(model_cfg, data.vocab.num_classes).to(device)
+    run = RunContext(student, model_cfg, data, tokenizers["student"], "student", cfg, device, out_dir,
+                     checkpoint_path, started)
+    loss_fn = CombinedLoss.from_config(loss_cfg, LossContext(
+        student.fusion_dim, teacher_dims, n_data=len(data.records["train"]),
+        joint_labels=data.joint_train_labels(), seed=cfg.seed)).to(device)
     train_set = data.dataset("train", tokenizers, augment=cfg.augment)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
     cached = {k: v.to(device) for k, v in cache["outputs"].items()} if cache is not None else None
@@ -497,14 +408,8 @@ def distill_student(
             with torch.no_grad():
                 t_out = teacher(*batch_inputs(batch, "teacher", device))
         s_out = student(*batch_inputs(batch, "student", device))
-        return loss_fn(s_out, t_out, batch[TASK_KEYS[0]].to(device), batch[TASK_KEYS[1]].to(device), index)
+        return loss_fn(s_out, t_out, batch["labels"].to(device), index)
 
-    def evaluate_dev():
-        return evaluate(student, data, "dev", tokenizers["student"], "student", cfg, device)[0]
-
-    state, epoch, dev, history = _fit(student, compute_loss, list(loss_fn.parameters()), loader,
-                                      evaluate_dev, cfg, device, "student", report_epoch)
-    return _finish(student, model_cfg, state, epoch, dev, history, data, tokenizers["student"], "student",
-                   cfg, device, out_dir, started, {"loss_config": loss_cfg.to_dict(),
-                                                   "teacher_cache_used": bool(use_cache)},
-                   evaluate_test=evaluate_test, checkpoint_path=checkpoint_path)
+    best, history = _fit(run, compute_loss, list(loss_fn.parameters()), loader, report_epoch)
+    return _finish(run, best, history, {"loss_config": loss_cfg.to_dict(), "teacher_cache_used": bool(use_cache)},
+                   evaluate_test=evaluate_test)

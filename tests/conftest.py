@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medkd.backbones import build_tokenizer
-from medkd.models import build_model
+from medkd.models import ModelConfig, build_model
 
 
 @pytest.fixture(autouse=True)
@@ -26,13 +26,13 @@ def tiny_batch():
         "pixel_values": torch.rand(4, 3, 32, 32),
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
-        "modality": torch.tensor([0, 1, 0, 1]),
-        "location": torch.tensor([0, 1, 2, 3]),
+        "labels": torch.tensor([[0, 0], [1, 1], [0, 2], [1, 3]]),
         "index": torch.tensor([0, 3, 5, 7]),
     }
 
 
 def tiny_model(fusion_dim=16, fusion_layers=1, heads=2, num_classes=(2, 5), dropout=0.0, seed=0):
     torch.manual_seed(seed)
-    return build_model("tiny-vit", "tiny-bert", num_classes, fusion_dim=fusion_dim,
-                       fusion_layers=fusion_layers, fusion_heads=heads, dropout=dropout)
+    cfg = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=fusion_dim, fusion_layers=fusion_layers,
+                      fusion_heads=heads, dropout=dropout)
+    return build_model(cfg, num_classes)

@@ -40,7 +40,7 @@ def test_offline_without_weights_names_the_backbone_and_the_remedies(monkeypatch
     with pytest.raises(BackboneWeightsError) as err:
         build_backbone("bio-clinical-bert", pretrained=True)
     message = str(err.value)
-    assert "'bio-clinical-bert'" in message and "weights: /path" in message and "pretrained: false" in message
+    assert "'bio-clinical-bert'" in message and "text_weights:" in message and "pretrained: false" in message
     with pytest.raises(BackboneWeightsError, match="does not exist"):
         build_backbone("deit-tiny", pretrained=True, weights="/nonexistent/weights.pth")
 

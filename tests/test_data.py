@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from medkd.backbones import build_tokenizer
-from medkd.data import (
-    DataConfig, DataError, PreparedData, load_splits, make_loader, make_synthetic_medpix,
-    make_synthetic_wound,
-)
+from medkd.data import DataConfig, PreparedData, load_splits, make_loader
+from medkd.datasets import DataError
+from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_MEDPIX = SHARED / "medpix-2.0"
@@ -43,7 +42,7 @@ def test_batches_hold_the_study_keys_and_trimmed_tokens(medpix):
     dataset = data.dataset("train", {"teacher": tok, "student": tok})
     batch = next(iter(make_loader(dataset, 4, shuffle=True, seed=1)))
     assert set(batch) == {"pixel_values", "input_ids_teacher", "attention_mask_teacher", "input_ids_student",
-                          "attention_mask_student", "modality", "location", "index"}
+                          "attention_mask_student", "labels", "index"}
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert 0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1
     # Grayscale PNGs come out as three equal channels (RGB); the model normalises, not the data.
@@ -53,7 +52,7 @@ def test_batches_hold_the_study_keys_and_trimmed_tokens(medpix):
     full = tok([data.records["train"][int(i)].text for i in batch["index"]], padding="max_length",
                max_length=64, truncation=True, return_tensors="pt")
     torch.testing.assert_close(batch["input_ids_student"], full["input_ids"][:, :mask.shape[1]])
-    assert torch.equal(batch["modality"], data.labels["train"][batch["index"], 0])
+    assert torch.equal(batch["labels"], data.labels["train"][batch["index"]])
 
 
 def test_same_seed_same_batch_order(medpix):
@@ -67,9 +66,9 @@ def test_synthetic_wound_with_configured_columns(wound):
     for split in ("train", "dev", "test"):
         path = wound / f"metadata_{split}.csv"
         path.write_text(path.read_text().replace("img_path,type,severity,", "img_path,wound_type,grade,", 1))
-    cfg = DataConfig("wound", str(wound), type_column="wound_type", severity_column="grade", image_size=16)
+    cfg = DataConfig("wound", str(wound), label_fields=("wound_type", "grade"), image_size=16)
     data = PreparedData.load(cfg)
-    assert data.vocab.tasks == ("wound_type", "grade")
+    assert data.vocab.tasks == ("type", "severity")  # task names come from the data set's spec
     assert data.vocab.num_classes == (4, 3)
     with pytest.raises(DataError, match=r"metadata_train.csv: missing column\(s\) \['type', 'severity'\]"):
         load_splits(DataConfig("wound", str(wound)))
@@ -83,7 +82,7 @@ def test_leakage_guard_refuses_label_fields(medpix, field):
 
 def test_leakage_guard_wound(wound):
     with pytest.raises(DataError, match="label column"):
-        load_splits(DataConfig("wound", str(wound), text_column="severity"))
+        load_splits(DataConfig("wound", str(wound), text_fields=("severity",)))
 
 
 def test_other_text_fields_are_joined(medpix):

@@ -1,4 +1,4 @@
-from medkd.data import make_synthetic_medpix, make_synthetic_wound
+from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 from medkd.fetch import main
 
 

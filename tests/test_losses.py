@@ -1,4 +1,3 @@
-import math
 
 import numpy as np
 import pytest
@@ -6,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from medkd.losses import CombinedLoss, CRDLoss, FeatureMSELoss, kd_kl_loss
+from medkd.losses import TERMS, CombinedLoss, CRDLoss, FeatureMSELoss, LossConfig, LossContext, kd_kl_loss
 
 
 def _softmax(x):
@@ -60,7 +59,7 @@ def test_fixed_projection_mse_matches_hand_computation_and_is_not_trained():
         (s["txt_proj"] - t["txt_raw"] @ w_txt.T) ** 2).mean()
     torch.testing.assert_close(loss(s, t), expected)
     # Same seed, same map: the fixed target is reproducible across runs.
-    torch.testing.assert_close(FeatureMSELoss(12, 10, 8, seed=3).proj_img.weight, w_img)
+    torch.testing.assert_close(FeatureMSELoss(12, 10, 8, "fixed", seed=3).proj_img.weight, w_img)
 
 
 def test_learned_projection_is_exposed_to_the_optimizer():
@@ -70,16 +69,19 @@ def test_learned_projection_is_exposed_to_the_optimizer():
         FeatureMSELoss(12, 10, 8, projection="lazy")
 
 
-def _combined(gamma=10.0, n=20, nce_k=5, **kw):
-    labels = torch.arange(n) % 4
-    return CombinedLoss(8, 12, 10, 8, n_data=n, joint_labels=labels, gamma=gamma, nce_k=nce_k, **kw)
+TEACHER_DIMS = {"img_dim": 12, "txt_dim": 10, "fusion_dim": 8}
+
+
+def _combined(weights=None, n=20, nce_k=5, **kw):
+    cfg = LossConfig(**({"weights": weights} if weights is not None else {}), nce_k=nce_k, **kw)
+    return CombinedLoss.from_config(cfg, LossContext(8, TEACHER_DIMS, n, joint_labels=torch.arange(n) % 4))
 
 
 def test_total_is_weighted_sum_of_parts():
-    loss = _combined(w_ce=0.7, alpha=0.518, beta=112.4, gamma=10.0, temperature=3.19)
+    loss = _combined({"ce": 0.7, "kl": 0.518, "mse": 112.4, "crd": 10.0}, temperature=3.19)
     s, t = _outputs(seed=1), _outputs(seed=2)
     y_mod, y_loc, index = torch.tensor([0, 1, 0, 1, 1, 0]), torch.tensor([0, 1, 2, 3, 4, 0]), torch.arange(6)
-    parts = loss(s, t, y_mod, y_loc, index)
+    parts = loss(s, t, torch.stack((y_mod, y_loc), 1), index)
     assert set(parts) == {"total", "ce", "kl", "mse", "crd"}
     expected = 0.7 * parts["ce"] + 0.518 * parts["kl"] + 112.4 * parts["mse"] + 10.0 * parts["crd"]
     torch.testing.assert_close(parts["total"], expected)
@@ -92,20 +94,48 @@ def test_total_is_weighted_sum_of_parts():
 
 
 def test_study_defaults():
-    loss = _combined()
-    assert loss.weights == {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
-    assert loss.temperature == 3.19
-    assert (loss.crd.nce_t, loss.crd.nce_m) == (0.07, 0.5)
-    assert CRDLoss(8, 8, 10).nce_k == 1024
+    cfg = LossConfig()
+    assert cfg.weights == {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
+    assert (cfg.temperature, cfg.projection, cfg.feat_dim, cfg.nce_k, cfg.nce_t, cfg.nce_m) == (
+        3.19, "fixed", 128, 1024, 0.07, 0.5)
+    loss = CombinedLoss.from_config(cfg, LossContext(8, TEACHER_DIMS, 2000))
+    assert loss.weights == cfg.weights and list(loss.terms) == ["ce", "kl", "mse", "crd"]
+    assert loss.terms["kl"].temperature == 3.19
+    crd = loss.terms["crd"]
+    assert (crd.nce_k, crd.nce_t, crd.nce_m, crd.embed_s[0].out_features) == (1024, 0.07, 0.5, 128)
 
 
-def test_gamma_zero_disables_crd_and_index_required_otherwise():
+def test_one_name_per_term_from_config_to_parts():
+    # params.yaml `loss.weights.<name>` -> LossConfig.weights[name] -> the part `name` (history `train_<name>`).
+    assert list(TERMS) == ["ce", "kl", "mse", "crd"]
+    with pytest.raises(ValueError, match=r"unknown term\(s\) \['alpha'\]"):
+        LossConfig(weights={"ce": 1.0, "alpha": 0.5})
+    with pytest.raises(ValueError, match="unknown keys.*gamma"):
+        LossConfig.from_dict({"gamma": 10.0})
+
+
+def test_zero_or_absent_weight_builds_no_term_and_index_required_for_crd():
     s, t = _outputs(), _outputs(seed=1)
-    y = torch.zeros(6, dtype=torch.long)
-    parts = _combined(gamma=0.0)(s, t, y, y)
-    assert parts["crd"].item() == 0.0
+    y = torch.zeros(6, 2, dtype=torch.long)
+    loss = _combined({"ce": 1.0, "kl": 0.5, "mse": 0.0})
+    parts = loss(s, t, y)
+    assert set(parts) == {"ce", "kl", "total"} and list(loss.parameters()) == []
+    torch.testing.assert_close(parts["total"], parts["ce"] + 0.5 * parts["kl"])
     with pytest.raises(ValueError, match="index"):
-        _combined()(s, t, y, y)
+        _combined()(s, t, y)
+
+
+def test_ce_only_loss_needs_no_teacher():
+    cfg = LossConfig(weights={"ce": 1.0})
+    assert not cfg.uses_teacher and LossConfig().uses_teacher
+    loss = CombinedLoss.from_config(cfg, LossContext(8, None, 20))
+    s = _outputs()
+    y = torch.tensor([[0, 1], [1, 2], [0, 3], [1, 4], [1, 0], [0, 0]])
+    parts = loss(s, None, y)
+    expected = F.cross_entropy(s["logits_modality"], y[:, 0]) + F.cross_entropy(s["logits_location"], y[:, 1])
+    torch.testing.assert_close(parts["total"], expected)
+    with pytest.raises(ValueError, match="no teacher dims"):
+        CombinedLoss.from_config(LossConfig(), LossContext(8, None, 20))
 
 
 def test_teacher_gets_no_gradient(tiny_batch):
@@ -113,13 +143,13 @@ def test_teacher_gets_no_gradient(tiny_batch):
     args = (tiny_batch["pixel_values"], tiny_batch["input_ids"], tiny_batch["attention_mask"])
     t_out = teacher(*args)  # deliberately *with* autograd: the loss itself must cut the graph
     s_out = student(*args)
-    loss = CombinedLoss.for_models(student, {"img_dim": 32, "txt_dim": 32, "fusion_dim": 24},
-                                   n_data=8, joint_labels=torch.arange(8) % 3, nce_k=4)
-    parts = loss(s_out, t_out, tiny_batch["modality"], tiny_batch["location"], tiny_batch["index"])
+    loss = CombinedLoss.from_config(LossConfig(nce_k=4), LossContext(
+        student.fusion_dim, {"img_dim": 32, "txt_dim": 32, "fusion_dim": 24}, 8, joint_labels=torch.arange(8) % 3))
+    parts = loss(s_out, t_out, tiny_batch["labels"], tiny_batch["index"])
     parts["total"].backward()
     assert all(p.grad is None for p in teacher.parameters())
-    assert all(p.grad is not None for p in loss.crd.embed_s.parameters())
-    assert all(p.grad is not None for p in loss.crd.embed_t.parameters())
+    assert all(p.grad is not None for p in loss.terms["crd"].embed_s.parameters())
+    assert all(p.grad is not None for p in loss.terms["crd"].embed_t.parameters())
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
@@ -127,18 +157,17 @@ def test_teacher_gets_no_gradient(tiny_batch):
 
 def test_loss_parameters_change_after_one_optimizer_step(tiny_batch):
     student = tiny_model(fusion_dim=16)
-    loss = CombinedLoss.for_models(student, {"img_dim": 20, "txt_dim": 18, "fusion_dim": 24},
-                                   n_data=8, joint_labels=torch.arange(8) % 3, nce_k=4,
-                                   projection="learned")
+    loss = CombinedLoss.from_config(LossConfig(nce_k=4, projection="learned"), LossContext(
+        student.fusion_dim, {"img_dim": 20, "txt_dim": 18, "fusion_dim": 24}, 8, joint_labels=torch.arange(8) % 3))
     names = {n for n, _ in loss.named_parameters()}
-    assert {"crd.embed_s.0.weight", "crd.embed_t.0.weight", "feature_mse.proj_img.weight",
-            "feature_mse.proj_txt.weight"} <= names
+    assert {"terms.crd.embed_s.0.weight", "terms.crd.embed_t.0.weight", "terms.mse.proj_img.weight",
+            "terms.mse.proj_txt.weight"} <= names
     before = {n: p.detach().clone() for n, p in loss.named_parameters()}
     optimizer = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-2)
     s_out = student(tiny_batch["pixel_values"], tiny_batch["input_ids"], tiny_batch["attention_mask"])
     t_out = {k: torch.randn(4, d) for k, d in [("logits_modality", 2), ("logits_location", 5),
                                                ("img_raw", 20), ("txt_raw", 18), ("fused", 24)]}
-    loss(s_out, t_out, tiny_batch["modality"], tiny_batch["location"], tiny_batch["index"])["total"].backward()
+    loss(s_out, t_out, tiny_batch["labels"], tiny_batch["index"])["total"].backward()
     optimizer.step()
     for n, p in loss.named_parameters():
         assert not torch.equal(before[n], p.detach()), n
@@ -147,13 +176,17 @@ def test_loss_parameters_change_after_one_optimizer_step(tiny_batch):
 # ----------------------------------------------------------------------------------- CRD
 
 
+def fused(x):
+    return {"fused": x}
+
+
 def test_crd_memory_updates_only_batch_rows_and_keeps_unit_norm():
-    crd = CRDLoss(6, 7, n_data=12, feat_dim=5, nce_k=4, labels=torch.arange(12) % 3)
+    crd = CRDLoss(6, 7, n_data=12, feat_dim=5, nce_k=4, nce_t=0.07, nce_m=0.5, labels=torch.arange(12) % 3)
     mem_s, mem_t = crd.memory_s.clone(), crd.memory_t.clone()
     torch.testing.assert_close(mem_s.norm(dim=1), torch.ones(12))
     index = torch.tensor([1, 4, 9])
     f_s, f_t = torch.randn(3, 6), torch.randn(3, 7)
-    crd(f_s, f_t, index)
+    crd(fused(f_s), fused(f_t), None, index)
     other = torch.tensor([i for i in range(12) if i not in index.tolist()])
     for new, old, head, f in ((crd.memory_s, mem_s, crd.embed_s, f_s), (crd.memory_t, mem_t, crd.embed_t, f_t)):
         torch.testing.assert_close(new[other], old[other], rtol=0, atol=0)
@@ -164,14 +197,14 @@ def test_crd_memory_updates_only_batch_rows_and_keeps_unit_norm():
     # Evaluation mode leaves the memory alone.
     crd.eval()
     frozen = crd.memory_s.clone()
-    crd(f_s, f_t, index)
+    crd(fused(f_s), fused(f_t), None, index)
     torch.testing.assert_close(crd.memory_s, frozen, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("nce_k", [3, 40])  # pool of other labels is 8: without / with replacement
 def test_crd_negatives_never_share_the_anchor_joint_label(nce_k):
     labels = torch.arange(12) % 3  # each label has 4 samples; 8 are "other"
-    crd = CRDLoss(4, 4, n_data=12, nce_k=nce_k, labels=labels)
+    crd = CRDLoss(4, 4, n_data=12, feat_dim=8, nce_k=nce_k, nce_t=0.07, nce_m=0.5, labels=labels)
     index = torch.arange(12)
     for _ in range(20):
         contrast = crd.sample_contrast_index(index)
@@ -185,12 +218,12 @@ def test_crd_negatives_never_share_the_anchor_joint_label(nce_k):
 def test_crd_loss_matches_nce_formula_by_hand():
     torch.manual_seed(0)
     n, k, T = 10, 3, 0.07
-    crd = CRDLoss(6, 5, n_data=n, feat_dim=4, nce_k=k, nce_t=T)
+    crd = CRDLoss(6, 5, n_data=n, feat_dim=4, nce_k=k, nce_t=T, nce_m=0.5)
     mem_s, mem_t = crd.memory_s.clone().numpy(), crd.memory_t.clone().numpy()
     f_s, f_t = torch.randn(2, 6), torch.randn(2, 5)
     index = torch.tensor([2, 7])
     contrast = torch.tensor([[2, 0, 1, 3], [7, 4, 5, 6]])
-    loss = crd(f_s, f_t, index, contrast).item()
+    loss = crd(fused(f_s), fused(f_t), None, index, contrast).item()
 
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -211,15 +244,15 @@ def test_crd_loss_matches_nce_formula_by_hand():
     assert loss == pytest.approx(expected, rel=1e-5)
     # Z stays fixed after the first batch.
     z = crd.z_norm.clone()
-    crd(f_s * 2, f_t, index, contrast)
+    crd(fused(f_s * 2), fused(f_t), None, index, contrast)
     torch.testing.assert_close(crd.z_norm, z)
 
 
 def test_crd_gradients_reach_heads_and_inputs():
-    crd = CRDLoss(6, 5, n_data=10, feat_dim=4, nce_k=3, labels=torch.arange(10) % 2)
+    crd = CRDLoss(6, 5, n_data=10, feat_dim=4, nce_k=3, nce_t=0.07, nce_m=0.5, labels=torch.arange(10) % 2)
     f_s = torch.randn(4, 6, requires_grad=True)
     f_t = torch.randn(4, 5, requires_grad=True)
-    crd(f_s, f_t, torch.tensor([0, 1, 2, 3])).backward()
+    crd(fused(f_s), fused(f_t), None, torch.tensor([0, 1, 2, 3])).backward()
     assert f_s.grad is not None and f_s.grad.abs().sum() > 0
     assert f_t.grad is None  # the teacher side is a fixed target
     for p in crd.parameters():
@@ -227,6 +260,6 @@ def test_crd_gradients_reach_heads_and_inputs():
 
 
 def test_crd_refuses_single_label_data():
-    crd = CRDLoss(4, 4, n_data=5, nce_k=2, labels=torch.zeros(5, dtype=torch.long))
+    crd = CRDLoss(4, 4, n_data=5, feat_dim=8, nce_k=2, nce_t=0.07, nce_m=0.5, labels=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="negatives"):
-        crd(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 1]))
+        crd(fused(torch.randn(2, 4)), fused(torch.randn(2, 4)), None, torch.tensor([0, 1]))

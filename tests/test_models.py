@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from medkd.models import OUTPUT_KEYS, CrossAttentionFusion, build_model, count_parameters
+from medkd.models import OUTPUT_KEYS, CrossAttentionFusion, ModelConfig, build_model, count_parameters
 
 # The study's table (MedPix class counts 2 and 5), all with one fusion layer.
 STUDY_SIZES = {
@@ -17,16 +17,16 @@ STUDY_SIZES = {
 def test_parameter_counts_match_study_table(config):
     vision, text, dropout, heads = config
     with torch.device("meta"):  # counts only: no memory, no weights
-        model = build_model(vision, text, (2, 5), fusion_dim=384, fusion_layers=1,
-                            fusion_heads=heads, dropout=dropout)
+        model = build_model(ModelConfig(vision, text, fusion_dim=384, fusion_layers=1, fusion_heads=heads,
+                                        dropout=dropout), (2, 5))
     n = count_parameters(model)
     assert abs(n - STUDY_SIZES[config]) / STUDY_SIZES[config] < 0.01, n
 
 
 def test_second_fusion_layer_adds_one_block():
     with torch.device("meta"):
-        one = build_model("deit-tiny", "minilm", (2, 5), fusion_layers=1, fusion_heads=4)
-        two = build_model("deit-tiny", "minilm", (2, 5), fusion_layers=2, fusion_heads=4)
+        one = build_model(ModelConfig("deit-tiny", "minilm", fusion_layers=1, fusion_heads=4), (2, 5))
+        two = build_model(ModelConfig("deit-tiny", "minilm", fusion_layers=2, fusion_heads=4), (2, 5))
     d = 384
     block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
     assert count_parameters(two) - count_parameters(one) == block
@@ -50,7 +50,7 @@ def test_output_keys_and_shapes(tiny_batch, num_classes):
 def test_study_architectures_forward_shapes():
     # Real widths of a student, random weights, tiny images: checks wiring of widths.
     torch.manual_seed(0)
-    model = build_model("deit-tiny", "tiny-bert", (2, 5), fusion_dim=384, fusion_heads=4).eval()
+    model = build_model(ModelConfig("deit-tiny", "tiny-bert", fusion_dim=384, fusion_heads=4), (2, 5)).eval()
     ids = torch.randint(5, 50, (2, 8))
     out = model(torch.rand(2, 3, 64, 64), ids, torch.ones_like(ids))
     assert out["img_raw"].shape == (2, 192) and out["img_proj"].shape == (2, 384)

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from medkd.data import make_synthetic_medpix, make_synthetic_wound
-from medkd.models import build_model
-from medkd.report import load_run
+from medkd.metrics import load_run
+from medkd.models import ModelConfig, build_model
+from medkd.stages.configs import student_configs
+from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -120,11 +121,10 @@ def test_paper_preset_parses_builds_its_dag_and_models(tmp_path):
     dag = _run(["dvc", "dag", "--md"], root)
     for stage in ("prepare@wound", "teacher@medpix", "distill@wound-deit-tiny-minilm", "optuna", "report"):
         assert stage in dag
-    from medkd.pipeline import student_configs
     with torch.device("meta"):
         for dataset, teacher in params["teachers"].items():
-            assert build_model(num_classes=(2, 5), **{**teacher["model"], "pretrained": False})
+            assert build_model(ModelConfig.from_dict(teacher["model"]), (2, 5), pretrained=False)
         for student in params["students"]:
             for variant in ("tuned", "baseline"):
                 model_cfg, _, _ = student_configs(params, student, variant)
-                assert model_cfg.build((10, 3), pretrained=False).fusion_dim in (256, 384)
+                assert build_model(model_cfg, (10, 3), pretrained=False).fusion_dim in (256, 384)

@@ -4,11 +4,15 @@ import pandas as pd
 import pytest
 import torch
 
-from medkd.data import DataConfig, PreparedData, make_loader, make_synthetic_medpix, make_synthetic_wound
 from medkd.backbones import build_tokenizer
+from medkd.data import DataConfig, PreparedData, make_loader
+from medkd.losses import LossConfig
+from medkd.metrics import metrics_from_predictions
+from medkd.models import ModelConfig
+from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 from medkd.train import (
-    LossConfig, ModelConfig, TrainConfig, build_teacher_cache, distill_student, load_checkpoint,
-    load_or_build_teacher_cache, metrics_from_predictions, predict, train_teacher,
+    TrainConfig, build_teacher_cache, distill_student, load_checkpoint, load_or_build_teacher_cache, predict,
+    train_teacher,
 )
 
 TEACHER = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=24, fusion_heads=2, dropout=0.1)

@@ -1,0 +1,31 @@
+"""Stage `teacher@<dataset>`: train the teacher, then run it once over the training split (the cache)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from medkd.files import atomic_write, reset_dir, write_json
+from medkd.metrics import headline_metrics
+from medkd.params import project_root
+from medkd.stages.common import Paths, load_data
+from medkd.stages.configs import teacher_configs
+from medkd.train import load_or_build_teacher_cache, train_teacher
+
+
+def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> dict:
+    root = root or project_root()
+    paths = Paths(root)
+    data = load_data(params, dataset, root)
+    model_cfg, cfg = teacher_configs(params, dataset)
+    report_dir = reset_dir(paths.teacher_report(dataset))
+    result = train_teacher(data, model_cfg, cfg, report_dir, checkpoint_path=paths.teacher_checkpoint(dataset))
+    load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset))
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    write_json(paths.metrics(f"teacher-{dataset}"), headline_metrics(metrics))
+    history = pd.DataFrame(result.history)
+    atomic_write(paths.plot(f"teacher-{dataset}"), lambda p: history.to_csv(p, index=False))
+    return {"result": result, "metrics": metrics, "history": history, "vocab": data.vocab}

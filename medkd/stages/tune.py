@@ -1,0 +1,117 @@
+"""Stage `optuna`: tune a student's hyperparameters on dev average macro-F1 (test never seen).
+
+`optuna.search_space` is nested like a distill variant (model / loss / train); each leaf
+({type, low, high, log} or {type: categorical, choices}) becomes an Optuna parameter named by its
+key path (`loss.weights.kl`, `model.fusion_dim`, `train.lr`), the path the trial's value is set at.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import optuna
+
+from medkd import report
+from medkd.files import reset_dir, write_json
+from medkd.metrics import headline_metrics
+from medkd.params import project_root
+from medkd.stages.common import Paths, load_data
+from medkd.stages.configs import student_configs
+from medkd.train import distill_student
+
+
+def flatten_search_space(tree: Mapping, prefix: str = "") -> dict[str, Mapping]:
+    """{key path: leaf}, in the order the leaves appear; a leaf is a mapping with a `type`."""
+    flat = {}
+    for key, node in tree.items():
+        path = f"{prefix}{key}"
+        if not isinstance(node, Mapping):
+            raise ValueError(f"optuna.search_space.{path}: expected a mapping, got {node!r}")
+        if "type" in node:
+            flat[path] = node
+        else:
+            flat.update(flatten_search_space(node, f"{path}."))
+    return flat
+
+
+def suggest(trial: optuna.Trial, search_space: Mapping) -> dict:
+    """Sample one value per leaf of the (nested) search space, named by its key path."""
+    values = {}
+    for name, spec in flatten_search_space(search_space).items():
+        kind = spec.get("type", "float")
+        if kind == "float":
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+        elif kind == "categorical":
+            values[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        else:
+            raise ValueError(f"optuna.search_space.{name}: unknown type {kind!r}")
+    return values
+
+
+def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
+    root = root or project_root()
+    paths = Paths(root)
+    section = params["optuna"]
+    student = section["student"]
+    dataset = params["students"][student]["dataset"]
+    if section.get("dataset", dataset) != dataset:
+        raise ValueError(f"optuna.dataset={section['dataset']!r} but student {student!r} uses {dataset!r}")
+    data = load_data(params, dataset, root)
+    storage = section.get("storage") or f"sqlite:///{paths.optuna_models() / 'study.db'}"
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    sampler = optuna.samplers.TPESampler(seed=section.get("sampler_seed", params.get("seed", 42)),
+                                         n_startup_trials=section.get("n_startup_trials", 3))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=section.get("pruner_startup_trials", 2),
+                                         n_warmup_steps=section.get("pruner_warmup_epochs", 0))
+    study = optuna.create_study(study_name=section.get("study_name", f"medkd-{student}"), storage=storage,
+                                direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
+    per_trial = {f"train.{key}": value for key, value in (section.get("train") or {}).items()}
+
+    def objective(trial):
+        values = suggest(trial, section["search_space"])
+        model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", {**values, **per_trial})
+        if model_cfg.fusion_dim % model_cfg.fusion_heads:
+            raise optuna.TrialPruned("fusion_dim not divisible by fusion_heads")
+
+        def report_epoch(epoch: int, score: float) -> None:
+            trial.report(score, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = distill_student(data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg, Path(tmp),
+                                     cache_path=paths.teacher_cache(dataset), rebuild_stale_cache=False,
+                                     report_epoch=report_epoch, evaluate_test=False)
+        return result.dev["avg_f1"]
+
+    finished = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(0, int(section["n_trials"]) - len(finished))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=remaining, gc_after_trial=True)
+
+    out = reset_dir(paths.optuna_report())
+    trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
+    trials["duration_s"] = trials.pop("duration").dt.total_seconds().round(1)
+    trials.to_csv(out / "trials.csv", index=False)
+    states = optuna.trial.TrialState
+    best = study.best_trial
+    write_json(out / "best_params.json", {"trial": best.number, "dev_avg_f1": best.value, "params": best.params})
+    report.plot_optuna(study, out)
+    result_metrics = {"best_dev_avg_f1": round(best.value, 4), "n_trials": len(study.trials),
+                      "n_complete": sum(t.state == states.COMPLETE for t in study.trials),
+                      "n_pruned": sum(t.state == states.PRUNED for t in study.trials)}
+    if section.get("retrain_best", True):
+        model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", best.params)
+        retrained = distill_student(data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg,
+                                    out / "best", cache_path=paths.teacher_cache(dataset),
+                                    rebuild_stale_cache=False, checkpoint_path=paths.optuna_models() / "best.pt")
+        result_metrics["best_retrained"] = headline_metrics(json.loads((out / "best" / "metrics.json").read_text()))
+        result_metrics["best_retrained_epochs"] = len(retrained.history)
+    write_json(paths.metrics("optuna"), result_metrics)
+    return {"study": study, "trials": trials, "best": best, "metrics": result_metrics}

@@ -1,0 +1,123 @@
+"""report.py draws from what it is given: tables on hand-made runs, figures written whole."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from medkd import report
+from medkd.data import DataConfig, PreparedData
+from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(dataset, model, variant, f1s, params=1_000_000, tasks=("type", "severity")):
+    classes = (("A", "B"), ("x", "y", "z"))
+    return {"dataset": dataset, "model": model, "variant": variant, "backbones": "v + t", "parameters": params,
+            "task1": tasks[0], "task2": tasks[1], "task1_f1": f1s[0], "task2_f1": f1s[1],
+            "avg_f1": (f1s[0] + f1s[1]) / 2, "task1_acc": 0.9, "task2_acc": 0.8, "dev_avg_f1": 0.7,
+            "best_epoch": 2, "seconds": 12.3, "n_test": 10,
+            "confusion1": [[3, 1], [0, 6]], "confusion2": [[2, 0, 0], [1, 3, 0], [0, 0, 4]],
+            "classes1": classes[0], "classes2": classes[1],
+            "history": pd.DataFrame({"epoch": [1, 2], "dev_avg_f1": [0.5, 0.7], "train_total": [3.0, 2.0]})}
+
+
+@pytest.fixture
+def runs():
+    return pd.DataFrame([
+        _run("wound", "Teacher", "teacher", (0.9, 0.8), params=100_000_000),
+        _run("wound", "s1", "tuned", (0.8, 0.6)),
+        _run("wound", "s1", "baseline", (0.7, 0.5)),
+        _run("wound", "s1", "optuna-best", (0.85, 0.75), params=2_000_000),
+    ])
+
+
+def test_study_table_uses_the_data_sets_task_names_and_relative_improvement(runs):
+    table = report.study_table(runs, "wound")
+    assert list(table.columns) == ["Model", "Parameters", "Test Type F1", "Test Severity F1", "Avg F1", "Improvement"]
+    assert table["Model"].tolist() == ["Teacher (v + t)", "Student (v + t)", "Student (v + t) [Optuna best]"]
+    assert table["Parameters"].tolist() == ["100.00M", "1.00M", "2.00M"]
+    assert table["Avg F1"].tolist() == ["**0.850**", "**0.700**", "**0.800**"]
+    # tuned 0.70 vs baseline 0.60: +16.7%; Optuna best 0.80 vs the same baseline: +33.3%.
+    assert table["Improvement"].tolist() == ["Baseline", "+16.7% vs baseline", "+33.3% vs baseline"]
+
+
+def test_all_runs_table_is_rounded_and_complete(runs):
+    table = report.all_runs_table(runs)
+    assert len(table) == 4 and "confusion1" not in table.columns
+    assert table.loc[1, "avg_f1"] == 0.7
+
+
+def test_hyperparameter_table_reads_each_row_at_its_key_path():
+    params = yaml.safe_load("""
+teachers: {medpix: {model: {dropout: 0.185}, train: {lr: 4.79e-05}}}
+distill:
+  tuned: {model: {fusion_dim: 384, fusion_layers: 2, fusion_heads: 4, dropout: 0.238},
+          loss: {weights: {ce: 1.0, kl: 0.518, mse: 112.4, crd: 10.0}, temperature: 3.19}, train: {lr: 1.05e-04}}
+  baseline: {model: {fusion_dim: 256, fusion_layers: 1, fusion_heads: 8, dropout: 0.1},
+             loss: {weights: {ce: 1.0, kl: 1.0, mse: 100.0, crd: 10.0}, temperature: 2.0}, train: {lr: 3.0e-04}}
+""")
+    best = {"params": {"loss.weights.kl": 0.3123, "model.fusion_layers": 3}}
+    table = report.hyperparameter_table(params, best).set_index("Parameter")
+    assert table.loc["KL weight (alpha)"].tolist() == ["1", "0.518", "0.312"]
+    assert table.loc["MSE weight (beta)"].tolist() == ["100", "112", ""]
+    assert table.loc["T (temperature)", "Optimized"] == "3.19"
+    assert table.loc["Teacher LR"].tolist() == ["1e-05", "4.79e-05", ""]
+    assert table.loc["Student fusion layers"].tolist() == ["1", "2", "3"]
+    assert table.loc["Teacher dropout", "Optimized"] == "0.185"
+
+
+@pytest.fixture(scope="module")
+def medpix(tmp_path_factory):
+    root = make_synthetic_medpix(tmp_path_factory.mktemp("medpix"), sizes=(10, 4, 4), image_size=16)
+    return PreparedData.load(DataConfig("medpix", str(root), image_size=16))
+
+
+def test_class_balance_counts_each_class_per_split(medpix):
+    balance = report.class_balance(medpix)
+    for t, task in enumerate(medpix.vocab.tasks):
+        for split in ("train", "dev", "test"):
+            counts = pd.Series([r.labels[t] for r in medpix.records[split]]).value_counts()
+            assert balance.loc[task][split].to_dict() == {c: counts.get(c, 0) for c in medpix.vocab.classes[t]}
+
+
+def test_text_statistics_counts_captions_that_name_the_label(medpix, tmp_path):
+    stats = report.text_statistics(medpix)
+    assert stats.loc["train", "names_modality_pct"] == 0.0  # synthetic captions never say CT/MR
+    records = medpix.records["train"]
+    texts = ["an MRI of the head", "CT shows", "computed", "T2 FLAIR", "xct", "mr"] + [r.text for r in records[6:]]
+    medpix.records["train"] = [type(r)(r.image_id, r.image_path, text, r.labels) for r, text in zip(records, texts)]
+    try:
+        stats = report.text_statistics(medpix)
+    finally:
+        medpix.records["train"] = records
+    # Whole upper-case words only: "MRI", "CT", "T2" count; "computed", "xct" and "mr" do not.
+    assert stats.loc["train", "names_modality_pct"] == pytest.approx(100 * 3 / 10, abs=0.05)
+    words = np.array([len(t.split()) for t in texts])
+    assert stats.loc["train", "words_mean"] == round(float(words.mean()), 1)
+
+
+def test_wound_statistics_have_no_label_word_column(tmp_path):
+    root = make_synthetic_wound(tmp_path / "wound", sizes=(8, 4, 4), image_size=16)
+    stats = report.text_statistics(PreparedData.load(DataConfig("wound", str(root), image_size=16)))
+    assert not [c for c in stats.columns if c.startswith("names_")]
+
+
+def test_figures_are_written_whole(runs, medpix, tmp_path):
+    report.plot_f1_per_model(runs, tmp_path / "f1.png")
+    report.plot_params_vs_f1(runs, tmp_path / "size.png")
+    report.plot_confusions(runs, tmp_path / "confusion.png")
+    report.plot_training_curves(runs, tmp_path / "curves.png")
+    report.plot_class_balance(report.class_balance(medpix), tmp_path / "balance.png")
+    report.plot_examples(medpix, tmp_path / "examples.png")
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["balance.png", "confusion.png", "curves.png", "examples.png", "f1.png", "size.png"]
+    assert all((tmp_path / name).read_bytes().startswith(PNG) for name in written)
+
+
+def test_data_report_markdown_explains_label_word_columns(medpix):
+    summary = {"dataset": "medpix", "sizes": {"train": 10}, "text_fields": ["Caption"]}
+    text = report.data_report_markdown(summary, report.class_balance(medpix), report.text_statistics(medpix))
+    assert "`names_modality_pct`: share of texts that name the modality label" in text
+    assert "![class balance](class_balance.png)" in text
