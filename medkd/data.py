@@ -8,21 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Annotated, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from medkd.config import FromMapping
+from medkd.config import FromMapping, config_dataclass, one_of
 from medkd.datasets import (
-    SPLITS, DataError, DatasetSpec, Record, SplitSource, Vocab, check_leakage, get_dataset,
+    SPLITS, DataError, DatasetSpec, Record, SplitSource, Vocab, check_leakage, get_dataset, list_datasets,
 )
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class DataConfig(FromMapping):
     """One entry of `data:` in params.yaml: which registered data set, where, and how to read it.
 
@@ -31,17 +32,23 @@ class DataConfig(FromMapping):
 
     name: str  # a registered data set (medkd.datasets.list_datasets())
     root: str
-    image_size: int = 224
-    max_length: int = 128  # text tokens
-    text_fields: tuple[str, ...] | None = None
+    image_size: Annotated[int, Field(ge=8)] = 224
+    max_length: Annotated[int, Field(ge=4)] = 128  # text tokens
+    text_fields: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     label_fields: tuple[str, str] | None = None
 
-    def __post_init__(self):
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return one_of(name, list_datasets(), "data set")
+
+    @model_validator(mode="after")
+    def _spec_defaults(self):
         spec = get_dataset(self.name)
         object.__setattr__(self, "text_fields", tuple(self.text_fields or spec.text_fields))
         object.__setattr__(self, "label_fields", tuple(self.label_fields or spec.label_fields))
-        if len(self.label_fields) != 2:
-            raise DataError(f"data set {self.name!r}: label_fields must name two fields, got {list(self.label_fields)}")
+        check_leakage(spec, self.text_fields, self.label_fields)
+        return self
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

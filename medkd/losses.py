@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Annotated, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
-from medkd.config import FromMapping
+from medkd.config import FromMapping, config_dataclass, did_you_mean
 from medkd.models import TASK_LOGITS
 
 Outputs = Mapping[str, torch.Tensor]
 STUDY_WEIGHTS = {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class LossConfig(FromMapping):
     """`loss:` sections of params.yaml; the single place where the loss defaults live (the study's).
 
@@ -32,21 +33,22 @@ class LossConfig(FromMapping):
     is neither built nor computed.
     """
 
-    weights: Mapping[str, float] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
-    temperature: float = 3.19  # kl
+    weights: dict[str, Annotated[float, Field(ge=0.0)]] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
+    temperature: Annotated[float, Field(gt=0.0)] = 3.19  # kl
     projection: Literal["fixed", "learned"] = "fixed"  # mse: P fixed orthogonal or trained
-    feat_dim: int = 128  # crd embedding width
-    nce_k: int = 1024  # crd negatives per anchor
-    nce_t: float = 0.07  # crd temperature
-    nce_m: float = 0.5  # crd memory momentum
+    feat_dim: Annotated[int, Field(ge=1)] = 128  # crd embedding width
+    nce_k: Annotated[int, Field(ge=1)] = 1024  # crd negatives per anchor
+    nce_t: Annotated[float, Field(gt=0.0)] = 0.07  # crd temperature
+    nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # crd memory momentum
 
-    def __post_init__(self):
-        unknown = set(self.weights) - set(TERMS)
+    @field_validator("weights")
+    @classmethod
+    def _known_terms(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = [name for name in weights if name not in TERMS]
         if unknown:
-            raise ValueError(f"loss.weights: unknown term(s) {sorted(unknown)}; terms: {list(TERMS)}")
-        if self.temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
-        object.__setattr__(self, "weights", {name: float(w) for name, w in self.weights.items()})
+            hints = "".join(did_you_mean(name, TERMS) for name in unknown)
+            raise ValueError(f"unknown term(s) {unknown}{hints}; terms: {list(TERMS)}")
+        return weights
 
     @property
     def active_terms(self) -> list[str]:

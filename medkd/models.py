@@ -7,14 +7,14 @@ text  -> text backbone   -> txt_raw -> Linear -> txt_proj ┘      -> dropout ->
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from medkd.backbones import TextBackbone, VisionBackbone, build_backbone, build_tokenizer
-from medkd.config import FromMapping
+from medkd.backbones import TextBackbone, VisionBackbone, build_backbone, build_tokenizer, list_backbones
+from medkd.config import FromMapping, config_dataclass, one_of
 
 # Output keys keep the study's names for every data set: `logits_modality` is task 1's logits and
 # `logits_location` task 2's (for Wound-1-0: type and severity); people read the data set's task names.
@@ -130,22 +130,38 @@ class MultimodalClassifier(nn.Module):
         }
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ModelConfig(FromMapping):
     """A classifier by registry names plus its fusion settings: `model:` sections of params.yaml.
 
     The single place where the model's defaults live (the study's teacher fusion).
     """
 
-    vision: str
-    text: str
-    fusion_dim: int = 384
-    fusion_layers: int = 1
-    fusion_heads: int = 8
-    dropout: float = 0.1
+    vision: str  # a registered vision backbone
+    text: str  # a registered text backbone
+    fusion_dim: Annotated[int, Field(ge=1)] = 384
+    fusion_layers: Annotated[int, Field(ge=1)] = 1
+    fusion_heads: Annotated[int, Field(ge=1)] = 8
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrained: bool = False
     vision_weights: str | None = None  # a local weights file or folder; wins over every other source
     text_weights: str | None = None
+
+    @field_validator("vision")
+    @classmethod
+    def _registered_vision(cls, name: str) -> str:
+        return one_of(name, list_backbones("vision"), "vision backbone")
+
+    @field_validator("text")
+    @classmethod
+    def _registered_text(cls, name: str) -> str:
+        return one_of(name, list_backbones("text"), "text backbone")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.fusion_dim % self.fusion_heads:
+            raise ValueError(f"fusion_dim={self.fusion_dim} is not divisible by fusion_heads={self.fusion_heads}")
+        return self
 
     def tokenizer(self):
         return build_tokenizer(self.text, self.text_weights)

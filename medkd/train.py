@@ -11,16 +11,17 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Annotated, Callable, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from medkd.config import FromMapping
+from medkd.config import FromMapping, config_dataclass
 from medkd.data import PreparedData, make_loader
 from medkd.datasets import Vocab
 from medkd.files import atomic_write, write_json
@@ -32,22 +33,22 @@ CHECKPOINT_FORMAT = "medkd-checkpoint-1"
 TEACHER_CACHE_KEYS = ("logits_modality", "logits_location", "img_raw", "txt_raw", "fused")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrainConfig(FromMapping):
     """`train:` sections of params.yaml (plus `seed` and `runtime:`); the single place of their defaults."""
 
-    epochs: int = 3
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 4.79e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float = 1.0
+    epochs: Annotated[int, Field(ge=1)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    eval_batch_size: Annotated[int, Field(ge=1)] = 64
+    lr: Annotated[float, Field(gt=0.0)] = 4.79e-5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # 0: no clipping
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     bf16: bool = True  # autocast; on CPU 1.3-2.4x faster here
     augment: bool = False  # random flip/shift; forces a live teacher when distilling
-    max_steps_per_epoch: int | None = None  # for smoke runs
+    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # for smoke runs
 
 
 # --------------------------------------------------------------------------- utilities

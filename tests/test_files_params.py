@@ -5,7 +5,7 @@ import pytest
 
 from medkd.files import atomic_write, replace_dir, sha256_file, write_json
 from medkd.params import get_path, with_values
-from medkd.stages.tune import flatten_search_space
+from medkd.stages.schema import ParamsError, flatten_search_space
 
 
 def test_atomic_write_gives_normal_modes_and_leaves_nothing_on_failure(tmp_path):
@@ -56,5 +56,5 @@ def test_search_space_flattens_to_key_paths_in_order():
              "train": {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
              "model": {"fusion_dim": {"type": "categorical", "choices": [256, 384]}}}
     assert list(flatten_search_space(space)) == ["loss.weights.kl", "loss.temperature", "train.lr", "model.fusion_dim"]
-    with pytest.raises(ValueError, match="optuna.search_space.loss.temperature: expected a mapping"):
+    with pytest.raises(ParamsError, match="optuna.search_space.loss.temperature: expected a mapping"):
         flatten_search_space({"loss": {"temperature": 3.0}})

@@ -1,8 +1,10 @@
 """The real pipeline (dvc.yaml + papermill notebooks) on tiny synthetic data, as CI runs it."""
 
+import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import yaml
 
 from medkd.metrics import load_run
 from medkd.models import ModelConfig, build_model
-from medkd.stages.configs import student_configs
+from medkd.stages.schema import student_configs
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +68,10 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     assert (root / "reports" / "optuna" / "optimization_history.png").exists()
     assert (root / "reports" / "data" / "wound" / "manifest_test.csv").exists()
     assert (root / "models" / "medpix" / "teacher_cache.pt").exists()
+    # Outputs get normal modes (the umask's), not a temporary file's private 0600.
+    private = [str(p) for folder in ("models", "reports") for p in (root / folder).rglob("*")
+               if p.is_file() and stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
+    assert private == []
 
 
 def test_status_clean_and_second_repro_is_a_noop(pipeline):
@@ -93,14 +99,58 @@ def test_metrics_and_plots_commands_work(pipeline):
     assert (root / "plots-out" / "index.html").exists()
 
 
+def _outputs(root: Path) -> dict[str, str]:
+    """sha256 of every stage output file (the params stamp aside)."""
+    files = [p for folder in ("models", "reports") for p in (root / folder).rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files if p.name != "params.ok"}
+
+
+def _repro(root: Path):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_a_params_typo_stops_repro_before_any_output_is_deleted(pipeline):
+    root, _ = pipeline
+    original = (root / "params.yaml").read_text()
+    before = _outputs(root)
+    params = yaml.safe_load(original)
+    model = params["distill"]["tuned"]["model"]
+    model["fusion_layer"] = model.pop("fusion_layers")
+    params["teachers"]["wound"]["train"]["epochs"] = "three"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = _repro(root)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "distill.tuned.model.fusion_layer: unknown key (did you mean 'fusion_layers'?)" in log
+    assert "teachers.wound.train.epochs: Input should be a valid integer" in log
+    assert "Running stage 'check'" in log and "Running stage 'distill" not in log and "Running stage 'teacher" not in log
+    assert _outputs(root) == before  # every earlier output is still there, unchanged
+    # Reverting the typo costs only the check: nothing else re-runs.
+    (root / "params.yaml").write_text(original)
+    done = _repro(root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"check"}, done.stdout
+    assert _outputs(root) == before
+
+
 def test_changing_one_student_reruns_only_it_and_the_report(pipeline):
     root, _ = pipeline
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["students"]["tiny-b"]["text_weights"] = None
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _run(["dvc", "status"], root)
     changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
-    assert changed == {"distill@tiny-b", "report"}, status
+    assert changed == {"check", "distill@tiny-b", "report"}, status
+    done = _repro(root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"check", "distill@tiny-b", "report"}, done.stdout
+    assert "stage done: reports/notebooks/distill-tiny-b.ipynb" in done.stdout + done.stderr
+    (root / "params.yaml").write_text(original)
 
 
 def test_missing_data_set_fails_prepare_with_instructions(tmp_path):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from medkd.data import DataConfig, PreparedData
+from medkd.data import PreparedData
 from medkd.datasets import DataError
 from medkd.params import load_params, project_root
-
-# The hyperparameter sets each student is trained with (sections of `distill:` in params.yaml).
-VARIANTS = ("tuned", "baseline")
+from medkd.stages.lifecycle import die_with_parent
+from medkd.stages.schema import data_config, validate_params
 
 
 class Paths:
@@ -66,22 +64,18 @@ class Stage:
 
 
 def open_stage(root: Path | None = None) -> Stage:
-    """The first call of every stage notebook."""
+    """The first call of every stage notebook: finds the project, checks all of params.yaml.
+
+    The notebook's kernel is also told to exit with the process that runs it (no orphan keeps
+    training after `dvc` or the stage runner is killed).
+    """
+    die_with_parent()
     # Plain-text progress bars are intended in rendered notebooks (no ipywidgets).
     warnings.filterwarnings("ignore", message="IProgress not found")
     root = root or project_root()
-    return Stage(root, load_params(root), Paths(root))
-
-
-def data_config(params: Mapping, dataset: str, root: Path) -> DataConfig:
-    try:
-        section = dict(params["data"][dataset])
-    except KeyError:
-        raise DataError(f"params.yaml: no data set {dataset!r} under `data:`") from None
-    section.setdefault("name", dataset)
-    if not os.path.isabs(section["root"]):
-        section["root"] = str((root / section["root"]).resolve())
-    return DataConfig.from_dict(section)
+    params = load_params(root)
+    validate_params(params, str(root / "params.yaml"))
+    return Stage(root, params, Paths(root))
 
 
 def load_data(params: Mapping, dataset: str, root: Path) -> PreparedData:

@@ -11,8 +11,8 @@ import pandas as pd
 from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
-from medkd.stages.common import VARIANTS, Paths, load_data
-from medkd.stages.configs import student_configs
+from medkd.stages.common import Paths, load_data
+from medkd.stages.schema import VARIANTS, student_configs
 from medkd.train import distill_student
 
 

@@ -13,7 +13,8 @@ from medkd import report
 from medkd.files import atomic_write, reset_dir, write_text
 from medkd.metrics import load_run
 from medkd.params import project_root
-from medkd.stages.common import VARIANTS, Paths
+from medkd.stages.common import Paths
+from medkd.stages.schema import VARIANTS
 
 
 def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data
-from medkd.stages.configs import teacher_configs
+from medkd.stages.schema import teacher_configs
 from medkd.train import load_or_build_teacher_cache, train_teacher
 
 

@@ -19,22 +19,8 @@ from medkd.files import reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data
-from medkd.stages.configs import student_configs
+from medkd.stages.schema import ParamsError, flatten_search_space, optuna_section, student_configs
 from medkd.train import distill_student
-
-
-def flatten_search_space(tree: Mapping, prefix: str = "") -> dict[str, Mapping]:
-    """{key path: leaf}, in the order the leaves appear; a leaf is a mapping with a `type`."""
-    flat = {}
-    for key, node in tree.items():
-        path = f"{prefix}{key}"
-        if not isinstance(node, Mapping):
-            raise ValueError(f"optuna.search_space.{path}: expected a mapping, got {node!r}")
-        if "type" in node:
-            flat[path] = node
-        else:
-            flat.update(flatten_search_space(node, f"{path}."))
-    return flat
 
 
 def suggest(trial: optuna.Trial, search_space: Mapping) -> dict:
@@ -56,28 +42,27 @@ def suggest(trial: optuna.Trial, search_space: Mapping) -> dict:
 def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
     root = root or project_root()
     paths = Paths(root)
-    section = params["optuna"]
-    student = section["student"]
+    section = optuna_section(params)
+    student = section.student
     dataset = params["students"][student]["dataset"]
-    if section.get("dataset", dataset) != dataset:
-        raise ValueError(f"optuna.dataset={section['dataset']!r} but student {student!r} uses {dataset!r}")
     data = load_data(params, dataset, root)
-    storage = section.get("storage") or f"sqlite:///{paths.optuna_models() / 'study.db'}"
+    storage = section.storage or f"sqlite:///{paths.optuna_models() / 'study.db'}"
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    sampler = optuna.samplers.TPESampler(seed=section.get("sampler_seed", params.get("seed", 42)),
-                                         n_startup_trials=section.get("n_startup_trials", 3))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=section.get("pruner_startup_trials", 2),
-                                         n_warmup_steps=section.get("pruner_warmup_epochs", 0))
-    study = optuna.create_study(study_name=section.get("study_name", f"medkd-{student}"), storage=storage,
+    seed = params.get("seed", 42) if section.sampler_seed is None else section.sampler_seed
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=section.n_startup_trials)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=section.pruner_startup_trials,
+                                         n_warmup_steps=section.pruner_warmup_epochs)
+    study = optuna.create_study(study_name=section.study_name or f"medkd-{student}", storage=storage,
                                 direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
-    per_trial = {f"train.{key}": value for key, value in (section.get("train") or {}).items()}
+    per_trial = {f"train.{key}": value for key, value in section.train.items()}
 
     def objective(trial):
-        values = suggest(trial, section["search_space"])
-        model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", {**values, **per_trial})
-        if model_cfg.fusion_dim % model_cfg.fusion_heads:
-            raise optuna.TrialPruned("fusion_dim not divisible by fusion_heads")
+        values = suggest(trial, section.search_space)
+        try:
+            model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", {**values, **per_trial}, "optuna")
+        except ParamsError as err:  # a combination no model can have, e.g. fusion_dim not divisible by heads
+            raise optuna.TrialPruned(str(err)) from None
 
         def report_epoch(epoch: int, score: float) -> None:
             trial.report(score, epoch)
@@ -91,7 +76,7 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
         return result.dev["avg_f1"]
 
     finished = [t for t in study.trials if t.state.is_finished()]
-    remaining = max(0, int(section["n_trials"]) - len(finished))
+    remaining = max(0, section.n_trials - len(finished))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=remaining, gc_after_trial=True)
 
@@ -106,7 +91,7 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
     result_metrics = {"best_dev_avg_f1": round(best.value, 4), "n_trials": len(study.trials),
                       "n_complete": sum(t.state == states.COMPLETE for t in study.trials),
                       "n_pruned": sum(t.state == states.PRUNED for t in study.trials)}
-    if section.get("retrain_best", True):
+    if section.retrain_best:
         model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", best.params)
         retrained = distill_student(data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg,
                                     out / "best", cache_path=paths.teacher_cache(dataset),

@@ -1,0 +1,68 @@
+"""The `medkd` command (also `python -m medkd`).
+
+    medkd check-params [--params params.yaml] [--stamp FILE]
+    medkd run-stage NOTEBOOK OUTPUT [-p NAME VALUE]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from medkd.files import write_text
+from medkd.stages.runner import run_stage
+from medkd.stages.schema import check_params
+
+STAMP_TEXT = "params.yaml fits the medkd schema (written by `medkd check-params`)\n"
+
+
+def check_params_command(params_file: Path, stamp: Path | None) -> int:
+    try:
+        params = yaml.safe_load(Path(params_file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        print(f"{params_file}: no such file", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as err:
+        print(f"{params_file}: not valid YAML: {err}", file=sys.stderr)
+        return 2
+    problems = check_params(params)
+    if problems:
+        for problem in problems:
+            print(f"  {problem.path}: {problem.message}", file=sys.stderr)
+        print(f"{params_file}: {len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was run",
+              file=sys.stderr)
+        return 2
+    if stamp is not None:
+        write_text(stamp, STAMP_TEXT)  # constant: stages that depend on it re-run only for their own params
+    print(f"{params_file}: OK")
+    return 0
+
+
+def _parameter_value(text: str):
+    """papermill's -p: YAML scalars (numbers, booleans) become values, anything else stays a string."""
+    value = yaml.safe_load(text)
+    return value if isinstance(value, (int, float, bool)) else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medkd", description="medkd: multimodal knowledge distillation study")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-params", help="check params.yaml against the schema (all problems at once)")
+    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    check.add_argument("--stamp", type=Path, default=None, help="write this file when the params are valid")
+    run = sub.add_parser("run-stage", help="run a stage notebook with papermill (DVC's stage command)")
+    run.add_argument("notebook", type=Path)
+    run.add_argument("output", type=Path)
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    args = parser.parse_args(argv)
+    if args.command == "check-params":
+        return check_params_command(args.params, args.stamp)
+    parameters = {name: _parameter_value(value) for name, value in args.parameter}
+    return run_stage(args.notebook, args.output, parameters)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
