@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup offline-weights data repro paper test bench clean-venv
+.PHONY: setup offline-weights data repro exp paper test bench clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ data: $(STAMP)
 # The main job: the default study in params.yaml.
 repro: $(STAMP) $(OFFLINE_STAMP) data
 	$(BIN)/dvc repro
+
+# An experiment on top of params.yaml: make exp ARGS="-S 'distill.train.epochs=5'"
+exp: $(STAMP) $(OFFLINE_STAMP) data
+	$(BIN)/dvc exp run $(ARGS)
 
 # The study's exact setup (needs the model hub and, realistically, a GPU); replaces params.yaml.
 paper: $(STAMP)

@@ -14,6 +14,7 @@ Weights for `pretrained=True` are looked for in this order:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import string
@@ -317,6 +318,13 @@ def build_tokenizer(name: str, weights: str | os.PathLike | None = None):
         location,
         lambda: AutoTokenizer.from_pretrained(location, local_files_only=source != "hub"),
     )
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of what makes a tokenizer turn text into these ids: its class, vocabulary, casing, special tokens."""
+    parts = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map,
+             tokenizer.init_kwargs.get("do_lower_case"), tokenizer.init_kwargs.get("strip_accents")]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- the registry

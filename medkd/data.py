@@ -6,6 +6,7 @@ What differs between data sets (files, tasks, label and text fields, leakage) is
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Mapping, Sequence
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medkd.config import FromMapping, config_dataclass, one_of
+from medkd.files import sha256_file
 from medkd.datasets import (
     SPLITS, DataError, DatasetSpec, Record, SplitSource, Vocab, check_leakage, get_dataset, list_datasets,
 )
@@ -71,6 +73,48 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
         raise DataError(f"data set folder {str(root)!r} does not exist (data set {cfg.name!r})")
     source = SplitSource(root, cfg.text_fields, cfg.label_fields)
     return {split: spec.load_split(source, split) for split in SPLITS}
+
+
+def verify_files(records: Mapping[str, Sequence[Record]]) -> dict[str, list[str]]:
+    """Every split's image sha256s, after checking the data set whole.
+
+    Every image must exist and decode completely (a truncated PNG fails here, not in training);
+    no image id may appear twice and no two records may hold the same image (sha256), within or
+    across splits (a test image that is also a training image leaks). One DataError lists every
+    problem found, each naming the records involved.
+    """
+    problems, hashes = [], {}
+    first_id: dict[str, str] = {}
+    first_hash: dict[str, str] = {}
+    total = sum(len(r) for r in records.values())
+    bar = tqdm(total=total, desc="verify images", leave=False, mininterval=2)
+    for split, split_records in records.items():
+        hashes[split] = []
+        for record in split_records:
+            bar.update()
+            name = f"{split} record {record.image_id!r}"
+            if record.image_id in first_id:
+                problems.append(f"duplicate image id {record.image_id!r}: {first_id[record.image_id]} and {name}")
+            first_id.setdefault(record.image_id, name)
+            try:
+                digest = sha256_file(record.image_path)
+                with Image.open(record.image_path) as img:
+                    img.load()  # decodes every byte: truncation and corruption show here
+            except FileNotFoundError:
+                problems.append(f"missing image {record.image_path} ({name})")
+                digest = ""
+            except (OSError, SyntaxError, ValueError) as err:
+                problems.append(f"unreadable image {record.image_path} ({name}): {err}")
+            hashes[split].append(digest)
+            if digest and digest in first_hash:
+                problems.append(f"identical images (sha256 {digest[:12]}…): {first_hash[digest]} and {name}")
+            elif digest:
+                first_hash[digest] = name
+    bar.close()
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in the data set's images and ids:\n" +
+                        "\n".join(f"  {p}" for p in problems))
+    return hashes
 
 
 def joint_labels(labels: torch.Tensor, num_classes: Sequence[int]) -> torch.Tensor:
@@ -200,6 +244,17 @@ class PreparedData:
     def dataset(self, split: str, tokenizers: Mapping[str, object], augment: bool = False) -> MultimodalDataset:
         return MultimodalDataset(self.records[split], self.labels[split], tokenizers, self.images(split),
                                  self.config.max_length, augment=augment)
+
+    def content_key(self, split: str) -> str:
+        """sha256 of what a model sees of a split: decoded pixels, texts, labels, preprocessing."""
+        digest = hashlib.sha256(repr((self.config.image_size, self.config.max_length, self.config.text_fields,
+                                      self.config.label_fields)).encode())
+        digest.update(self.images(split).numpy().tobytes())
+        for record in self.records[split]:
+            digest.update(f"\x00{record.image_id}\x00{record.text}".encode())
+        digest.update(self.labels[split].numpy().tobytes())
+        digest.update(repr(self.vocab.to_dict()).encode())
+        return digest.hexdigest()
 
     def joint_train_labels(self) -> torch.Tensor:
         return joint_labels(self.labels["train"], self.vocab.num_classes)

@@ -54,6 +54,7 @@ class FetchSource:
     repo: str
     commit: str
     folder: str
+    max_side: int | None = None  # the mirror's images are downscaled to this longer side (None: as published)
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ MEDPIX = register_dataset(DatasetSpec(
     },
     load_split=load_medpix_split,
     make_synthetic=synthetic.make_synthetic_medpix,
-    fetch=FetchSource("CHILab1/MedPix-2.0", "d3bc431576ec8041114806ec3eb58d75adf45029", "MedPix-2-0"),
+    fetch=FetchSource("CHILab1/MedPix-2.0", "d3bc431576ec8041114806ec3eb58d75adf45029", "MedPix-2-0", max_side=256),
     label_words={"modality": r"\b(CT|MR|MRI|T1|T2|FLAIR|DWI|ADC)\b"},
 ))
 
@@ -221,9 +222,15 @@ def load_wound_split(source: SplitSource, split: str) -> list[Record]:
         missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        records = []
+        records, malformed = [], []
+        width = len(reader.fieldnames)
         for row_no, row in enumerate(reader, 2):
             where = f"{path}, row {row_no} ({row['img_path']!r})"
+            if None in row or None in row.values():  # csv's markers for too many / too few fields
+                found = width + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k is not None)
+                malformed.append(f"  row {row_no} ({row['img_path']!r}): {found} fields, expected {width}"
+                                 + (" (an unquoted comma in the text?)" if found > width else ""))
+                continue
             text = join_text([(name, row[name]) for name in source.text_fields])
             if not text:
                 raise DataError(f"{where}: empty {', '.join(map(repr, source.text_fields))}")
@@ -231,6 +238,9 @@ def load_wound_split(source: SplitSource, split: str) -> list[Record]:
             if not all(labels):
                 raise DataError(f"{where}: empty label in {'/'.join(map(repr, source.label_fields))}")
             records.append(Record(Path(row["img_path"]).stem, source.root / "images" / row["img_path"], text, labels))
+    if malformed:
+        raise DataError(f"{path}: {len(malformed)} malformed row(s); every row needs the header's "
+                        f"{width} fields {reader.fieldnames}:\n" + "\n".join(malformed))
     if not records:
         raise DataError(f"{path} holds no records")
     return records

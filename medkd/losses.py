@@ -203,6 +203,13 @@ class CRDLoss(nn.Module):
         self.register_buffer("labels", labels)
         self.sampler_generator = torch.Generator().manual_seed(seed + 1)
 
+    def get_extra_state(self) -> dict:
+        # The negatives' sampler is part of the training state: a resumed run draws the same negatives.
+        return {"sampler_generator": self.sampler_generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.sampler_generator.set_state(state["sampler_generator"])
+
     @staticmethod
     def embed(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(head(features.float()), dim=1)

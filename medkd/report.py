@@ -7,6 +7,7 @@ every F1 recomputed from the per-sample prediction files (`medkd.metrics.load_ru
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from optuna.exceptions import ExperimentalWarning  # noqa: E402
 from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances  # noqa: E402
 
 from medkd.data import PreparedData, load_image  # noqa: E402
@@ -109,6 +111,12 @@ def data_report_markdown(summary: Mapping, balance: pd.DataFrame, text_stats: pd
 
 
 def plot_optuna(study, out: Path) -> None:
+    with warnings.catch_warnings():  # optuna flags its matplotlib plots as experimental
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        _plot_optuna(study, out)
+
+
+def _plot_optuna(study, out: Path) -> None:
     ax = plot_optimization_history(study)
     ax.set_title("Optuna: dev average macro-F1 per trial")
     _save(ax.figure, Path(out) / "optimization_history.png")

@@ -7,6 +7,7 @@ outputs come from, the loss) is passed in, nanoGPT-style, not subclassed.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from medkd.backbones import tokenizer_identity
 from medkd.config import FromMapping, config_dataclass
 from medkd.data import PreparedData, make_loader
 from medkd.datasets import Vocab
@@ -156,12 +158,11 @@ def evaluate(model: nn.Module, data: PreparedData, split: str, tokenizer, role: 
 # --------------------------------------------------------------------------- teacher cache
 
 
-def teacher_cache_key(fingerprint: str, data: PreparedData, bf16: bool) -> str:
-    cfg = data.config
-    ids = "\n".join(r.image_id for r in data.records["train"])
-    parts = [fingerprint, cfg.name, str(cfg.image_size), str(cfg.max_length), repr(cfg.text_fields),
-             repr(cfg.label_fields), hashlib.sha256(ids.encode()).hexdigest(), f"bf16={bf16}"]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+def teacher_cache_key(payload: Mapping, data: PreparedData, tokenizer, bf16: bool) -> str:
+    """Everything that changes the teacher's outputs on the training split: its weights and full
+    model config, its tokenizer, the data's content (decoded pixels, texts) and preprocessing, precision."""
+    return resume_key("teacher-cache", payload["fingerprint"], payload["model_config"], tokenizer_identity(tokenizer),
+                      data.content_key("train"), f"bf16={bf16}")
 
 
 def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
@@ -174,7 +175,7 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
     outputs = predict(teacher, loader, device, "teacher", cfg.bf16, desc="teacher cache")
     order = outputs["index"].argsort()
     return {
-        "key": teacher_cache_key(payload["fingerprint"], data, cfg.bf16),
+        "key": teacher_cache_key(payload, data, tokenizer, cfg.bf16),
         "dims": payload["dims"],
         "outputs": {k: outputs[k][order].contiguous() for k in TEACHER_CACHE_KEYS},
     }
@@ -189,7 +190,8 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
     rewrite another stage's output).
     """
     payload = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
-    key = teacher_cache_key(payload["fingerprint"], data, cfg.bf16)
+    tokenizer = ModelConfig.from_dict(payload["model_config"]).tokenizer()
+    key = teacher_cache_key(payload, data, tokenizer, cfg.bf16)
     del payload
     cache_path = Path(cache_path)
     if cache_path.exists():
@@ -229,6 +231,54 @@ class BestEpoch(NamedTuple):
     state: dict | None
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM (KeyboardInterrupt) stopped training; the message says what was saved."""
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states: Mapping) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run keeps its state after each epoch, and the key that state must carry to be resumed.
+
+    The key fingerprints everything that determines the run (configs, data, teacher): state left
+    by another run is ignored, not resumed.
+    """
+
+    path: Path
+    key: str
+
+    def load(self) -> dict | None:
+        if not Path(self.path).exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("key") != self.key:
+            tqdm.write(f"{self.path}: left by a run with other settings; starting afresh")
+            return None
+        return state
+
+    def save(self, state: Mapping) -> None:
+        atomic_write(self.path, lambda p: torch.save({"key": self.key, **state}, p))
+
+    def clear(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+def resume_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass
 class RunContext:
     """One training run: what it trains, on what, where its outputs go."""
@@ -243,6 +293,7 @@ class RunContext:
     out_dir: Path
     checkpoint_path: Path | None = None
     started: float = field(default_factory=time.perf_counter)
+    resume: Resume | None = None
 
     def evaluate(self, split: str) -> tuple[dict, pd.DataFrame]:
         return evaluate(self.model, self.data, split, self.tokenizer, self.role, self.cfg, self.device)
@@ -251,13 +302,19 @@ class RunContext:
 def _fit(
     run: RunContext,
     compute_loss: Callable[[dict], dict[str, torch.Tensor]],
-    extra_params: list[nn.Parameter],
+    loss_fn: nn.Module,
     train_loader,
     report_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[BestEpoch, list[dict]]:
-    """Train; return the best epoch (by dev average macro-F1) and the per-epoch history."""
+    """Train; return the best epoch (by dev average macro-F1) and the per-epoch history.
+
+    With `run.resume`, the state after each epoch (model, optimizer, scheduler, loss state such as
+    the CRD memory, every RNG, the loader's shuffling generator, history, best so far) is saved,
+    and a run that finds its own state continues after its last complete epoch, ending with the
+    same weights as an uninterrupted run.
+    """
     model, cfg, device = run.model, run.cfg, run.device
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
@@ -265,41 +322,81 @@ def _fit(
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     best = BestEpoch(-1.0, 0, {}, None)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        sums: dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{run.role} epoch {epoch}/{cfg.epochs}")
-        for step, batch in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            with autocast(device, cfg.bf16):
-                parts = compute_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            n = len(batch["index"])
-            seen += n
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-            # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
-            bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", sps=f"{seen / (time.perf_counter() - start):.1f}",
-                            refresh=False)
-        dev = run.evaluate("dev")[0]
-        row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-               "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - start,
-               **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in dev if isinstance(dev[t], dict)}}
-        history.append(row)
-        tqdm.write(f"{run.role} epoch {epoch}: train loss {row['train_total']:.4f}, dev avg F1 {dev['avg_f1']:.4f}")
-        if dev["avg_f1"] > best.score:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = BestEpoch(dev["avg_f1"], epoch, dev, state)
-        if report_epoch is not None:
-            report_epoch(epoch, dev["avg_f1"])
+    history: list[dict] = []
+    saved_epoch = 0
+    state = run.resume.load() if run.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        history, saved_epoch = state["history"], state["epoch"]
+        best = BestEpoch(state["best_score"], state["best_epoch"], state["best_dev"],
+                         state["best_state"] if state["best_state"] is not None else state["model"])
+        if state["complete"]:
+            return best, history
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_loader.generator.set_state(state["loader_generator"])
+        _set_rng_states(state["rng"])
+        tqdm.write(f"{run.role}: resuming after epoch {saved_epoch} of {cfg.epochs} from {run.resume.path}")
+
+    def save(epoch: int, complete: bool) -> None:
+        model_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        run.resume.save({
+            "epoch": epoch, "complete": complete, "model": model_state, "loss": loss_fn.state_dict(),
+            "optimizer": None if complete else optimizer.state_dict(),
+            "scheduler": None if complete else scheduler.state_dict(),
+            "loader_generator": train_loader.generator.get_state(), "rng": _rng_states(), "history": history,
+            "best_score": best.score, "best_epoch": best.epoch, "best_dev": best.dev,
+            "best_state": None if best.epoch == epoch and not complete else best.state,
+        })
+
+    epoch = saved_epoch
+    try:
+        for epoch in range(saved_epoch + 1, cfg.epochs + 1):
+            model.train()
+            sums: dict[str, float] = {}
+            seen, start = 0, time.perf_counter()
+            bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{run.role} epoch {epoch}/{cfg.epochs}")
+            for step, batch in enumerate(bar):
+                if step >= steps_per_epoch:
+                    break
+                with autocast(device, cfg.bf16):
+                    parts = compute_loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                parts["total"].backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                n = len(batch["index"])
+                seen += n
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+                # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
+                bar.set_postfix(loss=f"{sums['total'] / seen:.4f}",
+                                sps=f"{seen / (time.perf_counter() - start):.1f}", refresh=False)
+            dev = run.evaluate("dev")[0]
+            row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+                   "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - start,
+                   **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in dev if isinstance(dev[t], dict)}}
+            history.append(row)
+            tqdm.write(f"{run.role} epoch {epoch}: train loss {row['train_total']:.4f}, "
+                       f"dev avg F1 {dev['avg_f1']:.4f}")
+            if dev["avg_f1"] > best.score:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = BestEpoch(dev["avg_f1"], epoch, dev, state)
+            if run.resume:
+                save(epoch, complete=False)
+                saved_epoch = epoch
+            if report_epoch is not None:
+                report_epoch(epoch, dev["avg_f1"])
+    except KeyboardInterrupt:
+        saved = (f"epochs 1-{saved_epoch} are saved in {run.resume.path}; re-run to resume from epoch "
+                 f"{saved_epoch + 1}" if run.resume and saved_epoch else "no epoch was saved; re-run to start again")
+        raise TrainingInterrupted(f"{run.role} interrupted at epoch {min(epoch + (saved_epoch == epoch), cfg.epochs)} "
+                                  f"of {cfg.epochs}: {saved}") from None
+    if run.resume:
+        save(cfg.epochs, complete=True)
     return best, history
 
 
@@ -326,18 +423,21 @@ def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mappin
 
 
 def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
-                  checkpoint_path: Path | None = None) -> RunResult:
+                  checkpoint_path: Path | None = None, resume_path: Path | None = None) -> RunResult:
     """Phase 1: the teacher learns both tasks from the labels (CE + CE).
 
     Metrics, predictions and history go to `out_dir`; the checkpoint to `checkpoint_path`
-    (default `out_dir/model.pt`).
+    (default `out_dir/model.pt`). With `resume_path` the run saves its state after each epoch
+    there and continues from it when re-run with the same settings and data.
     """
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model = build_model(model_cfg, data.vocab.num_classes).to(device)
+    resume = Resume(Path(resume_path), resume_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
+                                                   data.content_key("train"))) if resume_path else None
     run = RunContext(model, model_cfg, data, model_cfg.tokenizer(), "teacher", cfg, device, out_dir,
-                     checkpoint_path, started)
+                     checkpoint_path, started, resume)
     loss_fn = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}),
                                        LossContext(model.fusion_dim, None, len(data.records["train"])))
     loader = make_loader(data.dataset("train", {"teacher": run.tokenizer}, augment=cfg.augment), cfg.batch_size,
@@ -347,7 +447,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
         out = model(*batch_inputs(batch, "teacher", device))
         return loss_fn(out, None, batch["labels"].to(device))
 
-    best, history = _fit(run, compute_loss, [], loader)
+    best, history = _fit(run, compute_loss, loss_fn, loader)
     return _finish(run, best, history)
 
 
@@ -364,11 +464,13 @@ def distill_student(
     evaluate_test: bool = True,
     checkpoint_path: Path | None = None,
     rebuild_stale_cache: bool = True,
+    resume_path: Path | None = None,
 ) -> RunResult:
     """Phase 2: the student learns from the labels and the frozen teacher (CombinedLoss).
 
     The teacher's outputs come from a cache computed once (default when inputs are
     deterministic) or from the live teacher under no_grad (with random augmentation).
+    With `resume_path`, per-epoch state is saved there and resumed (see `train_teacher`).
     """
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -392,8 +494,11 @@ def distill_student(
 
     seed_everything(cfg.seed)
     student = build_model(model_cfg, data.vocab.num_classes).to(device)
+    teacher_id = cache["key"] if cache is not None else state_fingerprint(teacher.state_dict())
+    resume = Resume(Path(resume_path), resume_key("student", model_cfg.to_dict(), loss_cfg.to_dict(), cfg.to_dict(),
+                                                   data.content_key("train"), teacher_id)) if resume_path else None
     run = RunContext(student, model_cfg, data, tokenizers["student"], "student", cfg, device, out_dir,
-                     checkpoint_path, started)
+                     checkpoint_path, started, resume)
     loss_fn = CombinedLoss.from_config(loss_cfg, LossContext(
         student.fusion_dim, teacher_dims, n_data=len(data.records["train"]),
         joint_labels=data.joint_train_labels(), seed=cfg.seed)).to(device)
@@ -411,6 +516,6 @@ def distill_student(
         s_out = student(*batch_inputs(batch, "student", device))
         return loss_fn(s_out, t_out, batch["labels"].to(device), index)
 
-    best, history = _fit(run, compute_loss, list(loss_fn.parameters()), loader, report_epoch)
+    best, history = _fit(run, compute_loss, loss_fn, loader, report_epoch)
     return _finish(run, best, history, {"loss_config": loss_cfg.to_dict(), "teacher_cache_used": bool(use_cache)},
                    evaluate_test=evaluate_test)

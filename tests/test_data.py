@@ -156,3 +156,60 @@ def test_real_wound_metadata_without_images():
     # The images are not on this machine: loading for training says which one is missing.
     with pytest.raises(DataError, match=r"missing image .*images/\w+\.png for train record"):
         PreparedData.load(DataConfig("wound", str(REAL_WOUND)))
+
+
+# --------------------------------------------------------------------------- checked whole
+
+
+def test_verify_lists_every_truncated_or_unreadable_image(medpix):
+    from medkd.data import verify_files
+    records = load_splits(DataConfig("medpix", str(medpix)))
+    truncated, garbage = records["train"][2], records["test"][1]
+    data = truncated.image_path.read_bytes()
+    truncated.image_path.write_bytes(data[: len(data) // 2])  # a valid header, cut short
+    garbage.image_path.write_bytes(b"not a png")
+    # The plain loader opens the first one fine: only a full decode finds it.
+    from PIL import Image
+    with Image.open(truncated.image_path) as img:
+        assert img.size
+    with pytest.raises(DataError, match="2 problem") as err:
+        verify_files(records)
+    message = str(err.value)
+    assert f"unreadable image {truncated.image_path} (train record '{truncated.image_id}')" in message
+    assert f"unreadable image {garbage.image_path} (test record '{garbage.image_id}')" in message
+
+
+def test_verify_refuses_duplicate_ids_and_the_same_image_in_two_splits(medpix):
+    import shutil
+    from medkd.data import verify_files
+    records = load_splits(DataConfig("medpix", str(medpix)))
+    hashes = verify_files(records)
+    assert [len(h) for h in hashes.values()] == [20, 8, 8] and len({h for v in hashes.values() for h in v}) == 36
+    train, test = records["train"][0], records["test"][3]
+    shutil.copy(train.image_path, test.image_path)  # a training image reappears as a test image
+    records["dev"].append(records["train"][5])  # the same id in two splits
+    with pytest.raises(DataError) as err:
+        verify_files(records)
+    message = str(err.value)
+    assert "identical images (sha256 " in message
+    assert f"train record '{train.image_id}' and test record '{test.image_id}'" in message
+    dup = records["train"][5].image_id
+    assert f"duplicate image id '{dup}': train record '{dup}' and dev record '{dup}'" in message
+
+
+def _rewrite_csv_line(path, line_no, change):
+    lines = path.read_text().splitlines()
+    lines[line_no - 1] = change(lines[line_no - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_wound_rows_with_too_many_or_too_few_fields_are_refused(wound):
+    path = wound / "metadata_train.csv"
+    # An unquoted comma inside the description: today's readers silently cut the text.
+    _rewrite_csv_line(path, 3, lambda line: line + ", and more text")
+    _rewrite_csv_line(path, 5, lambda line: ",".join(line.split(",")[:3]))  # the description is missing
+    with pytest.raises(DataError, match=r"metadata_train.csv: 2 malformed row\(s\)") as err:
+        load_splits(DataConfig("wound", str(wound)))
+    message = str(err.value)
+    assert "row 3 (" in message and "5 fields, expected 4 (an unquoted comma in the text?)" in message
+    assert "row 5 (" in message and "3 fields, expected 4" in message

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -23,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _run(cmd, cwd):
+def _run(cmd, cwd, both=False):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "DVC_NO_ANALYTICS": "1"}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=isinstance(cmd, str))
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done.stdout
+    return done.stdout + done.stderr if both else done.stdout
 
 
 def _project(tmp: Path, params: Path) -> Path:
@@ -48,7 +49,7 @@ def pipeline(tmp_path_factory):
     make_synthetic_wound(root / "data" / "wound-1-0", sizes=(32, 12, 12), image_size=32)
     _run(["dvc", "add", "-q", "data"], root)
     _run("git add -A && git -c user.email=ci@example.com -c user.name=ci commit -qm init", root)
-    log = _run(["dvc", "repro"], root)
+    log = _run(["dvc", "repro"], root, both=True)
     return root, log
 
 
@@ -57,8 +58,14 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     params = yaml.safe_load((root / "params.yaml").read_text())
     stages = [f"prepare@{d}" for d in params["data"]] + [f"teacher@{d}" for d in params["teachers"]]
     stages += [f"distill@{s}" for s in params["students"]] + ["optuna", "report"]
+    assert "Running stage 'check'" in log and "params.yaml: OK" in log
     for stage in stages:
         assert f"Running stage '{stage}'" in log
+    # A successful run prints nothing that looks like an error (kernel chatter stays out of the log).
+    alarming = [line for line in log.splitlines()
+                if re.search(r"(?i)error|warning|traceback|exception|interrupt|died|encryption", line)]
+    assert alarming == []
+    assert log.count("stage done: reports/notebooks/") == len(stages)  # one per notebook stage
     for name in ("prepare-medpix", "teacher-wound", "distill-tiny-c", "optuna", "report"):
         nb = json.loads((root / "reports" / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), name

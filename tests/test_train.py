@@ -11,7 +11,8 @@ from medkd.metrics import metrics_from_predictions
 from medkd.models import ModelConfig
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 from medkd.train import (
-    TrainConfig, build_teacher_cache, distill_student, load_checkpoint, load_or_build_teacher_cache, predict,
+    TrainConfig, TrainingInterrupted, build_teacher_cache, distill_student, load_checkpoint,
+    load_or_build_teacher_cache, predict,
     train_teacher,
 )
 
@@ -94,6 +95,52 @@ def test_cache_is_keyed_by_teacher_and_preprocessing(teacher_run, data, tmp_path
     assert third["key"] not in (first["key"], second["key"])
 
 
+def test_cache_key_covers_everything_that_changes_teacher_outputs(teacher_run, data, tmp_path):
+    from medkd.backbones import tiny_vocab
+    from medkd.synthetic import make_synthetic_medpix
+    from medkd.train import teacher_cache_key
+    from transformers import BertTokenizer
+    payload = torch.load(teacher_run.checkpoint, weights_only=False)
+    tokenizer = build_tokenizer("tiny-bert")
+    base = teacher_cache_key(payload, data, tokenizer, bf16=False)
+    assert teacher_cache_key(payload, data, build_tokenizer("tiny-bert"), bf16=False) == base  # stable
+
+    def same_data_but(change):
+        root = make_synthetic_medpix(tmp_path / f"copy{len(list(tmp_path.iterdir()))}", sizes=(32, 12, 12),
+                                     image_size=32)
+        change(root)
+        return PreparedData.load(DataConfig("medpix", str(root), image_size=32, max_length=32))
+
+    assert teacher_cache_key(payload, same_data_but(lambda root: None), tokenizer, False) == base  # same content
+
+    def new_captions(root):
+        path = root / "splitted_dataset" / "descriptions_train.jsonl"
+        path.write_text(path.read_text().replace("scan shows", "scan displays"))
+
+    def inverted_images(root):
+        from PIL import Image, ImageOps
+        for png in (root / "images").glob("*.png"):
+            ImageOps.invert(Image.open(png).convert("L")).save(png)
+
+    changed = {
+        "captions": teacher_cache_key(payload, same_data_but(new_captions), tokenizer, False),
+        "images": teacher_cache_key(payload, same_data_but(inverted_images), tokenizer, False),
+        "model config": teacher_cache_key({**payload, "model_config": {**payload["model_config"], "dropout": 0.5}},
+                                          data, tokenizer, False),
+        "weights": teacher_cache_key({**payload, "fingerprint": "other"}, data, tokenizer, False),
+        "tokenizer": teacher_cache_key(payload, data, BertTokenizer(vocab=tiny_vocab(), do_lower_case=False), False),
+        "image size": teacher_cache_key(payload, PreparedData.load(DataConfig("medpix", data.config.root,
+                                        image_size=24, max_length=32)), tokenizer, False),
+        "max length": teacher_cache_key(payload, PreparedData.load(DataConfig("medpix", data.config.root,
+                                        image_size=32, max_length=20)), tokenizer, False),
+        "text fields": teacher_cache_key(payload, PreparedData.load(DataConfig(
+            "medpix", data.config.root, image_size=32, max_length=32, text_fields=("Caption", "Plane"))),
+            tokenizer, False),
+        "precision": teacher_cache_key(payload, data, tokenizer, True),
+    }
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_distillation_leaves_teacher_bit_identical(teacher_run, data, tmp_path, use_cache):
     before = torch.load(teacher_run.checkpoint, weights_only=False)["state_dict"]
@@ -161,3 +208,71 @@ def test_fingerprint_covers_scalar_and_integer_buffers():
     a = {"w": torch.ones(2, 2), "bn.num_batches_tracked": torch.tensor(3)}
     b = {"w": torch.ones(2, 2), "bn.num_batches_tracked": torch.tensor(4)}
     assert state_fingerprint(a) == state_fingerprint(dict(a)) != state_fingerprint(b)
+
+
+def _interrupt_after(stop_epoch):
+    def report(epoch, score):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt  # what SIGINT raises in the training loop
+    return report
+
+
+def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, data, tmp_path):
+    cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 3})
+    args = (data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), cfg)
+    cache = tmp_path / "cache.pt"
+    full = distill_student(*args, tmp_path / "full", cache_path=cache)
+    resume = tmp_path / "state" / "resume.pt"
+    with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2 of 3: epochs 1-1 are saved in .*resume.pt"):
+        distill_student(*args, tmp_path / "cut", cache_path=cache, resume_path=resume, report_epoch=_interrupt_after(1))
+    assert torch.load(resume, weights_only=False)["epoch"] == 1
+    resumed = distill_student(*args, tmp_path / "cut", cache_path=cache, resume_path=resume)
+    for split in ("dev", "test"):
+        assert (tmp_path / "full" / f"predictions_{split}.csv").read_bytes() == \
+            (tmp_path / "cut" / f"predictions_{split}.csv").read_bytes()
+    losses = lambda run: [{k: v for k, v in row.items() if k != "train_seconds"} for row in run.history]  # noqa: E731
+    assert losses(resumed) == losses(full) and resumed.best_epoch == full.best_epoch
+    a, b = (torch.load(r.checkpoint, weights_only=False)["state_dict"] for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The finished run left its state marked complete: a re-run writes the outputs without training.
+    state = torch.load(resume, weights_only=False)
+    assert state["complete"] and state["optimizer"] is None
+    again = distill_student(*args, tmp_path / "again", cache_path=cache, resume_path=resume)
+    assert again.history == resumed.history
+
+
+def test_interrupted_teacher_resumes_to_the_identical_result(data, tmp_path):
+    cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})
+    full = train_teacher(data, TEACHER, cfg, tmp_path / "full")
+    resume = tmp_path / "resume.pt"
+    import medkd.train as train_module
+    real_fit = train_module._fit
+    calls = []
+
+    def fit_with_interrupt(run, compute_loss, loss_fn, loader, report_epoch=None):
+        calls.append(1)
+        return real_fit(run, compute_loss, loss_fn, loader, _interrupt_after(1) if len(calls) == 1 else None)
+
+    train_module._fit = fit_with_interrupt
+    try:
+        with pytest.raises(TrainingInterrupted, match="teacher interrupted at epoch 2 of 2"):
+            train_teacher(data, TEACHER, cfg, tmp_path / "cut", resume_path=resume)
+        resumed = train_teacher(data, TEACHER, cfg, tmp_path / "cut", resume_path=resume)
+    finally:
+        train_module._fit = real_fit
+    assert (tmp_path / "full" / "predictions_test.csv").read_bytes() == (tmp_path / "cut" / "predictions_test.csv").read_bytes()
+    assert [r["train_total"] for r in resumed.history] == [r["train_total"] for r in full.history]
+
+
+def test_state_of_another_run_is_not_resumed(teacher_run, data, tmp_path):
+    cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(TrainingInterrupted):
+        distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), cfg, tmp_path / "a",
+                        cache_path=tmp_path / "cache.pt", resume_path=resume, report_epoch=_interrupt_after(1))
+    other = TrainConfig(**{**cfg.to_dict(), "lr": 5e-4})  # another learning rate: another run
+    run = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), other, tmp_path / "b",
+                          cache_path=tmp_path / "cache.pt", resume_path=resume)
+    fresh = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), other, tmp_path / "c",
+                            cache_path=tmp_path / "cache.pt")
+    assert [r["train_total"] for r in run.history] == [r["train_total"] for r in fresh.history]

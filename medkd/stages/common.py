@@ -53,6 +53,17 @@ class Paths:
     def results(self) -> Path:
         return self.root / "reports" / "results"
 
+    # Not DVC outputs: DVC deletes a stage's outputs before re-running it, and these must survive that.
+    def state(self) -> Path:
+        return self.root / ".medkd"
+
+    def resume(self, run: str) -> Path:
+        """Per-epoch state of an unfinished training run (`run`: e.g. teacher-medpix)."""
+        return self.state() / "resume" / f"{run}.pt"
+
+    def optuna_storage(self) -> Path:
+        return self.state() / "optuna" / "studies.db"
+
 
 @dataclass(frozen=True)
 class Stage:

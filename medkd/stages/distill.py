@@ -29,7 +29,7 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
         result = distill_student(
             data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg, report_dir / variant,
             cache_path=paths.teacher_cache(dataset), checkpoint_path=paths.student_checkpoint(student, variant),
-            rebuild_stale_cache=False,
+            rebuild_stale_cache=False, resume_path=paths.resume(f"distill-{student}-{variant}"),
         )
         results[variant] = result
         summary[variant] = headline_metrics(json.loads((report_dir / variant / "metrics.json").read_text()))
@@ -39,6 +39,8 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
     write_json(paths.metrics(f"distill-{student}"), summary)
     for variant, history in histories.items():
         atomic_write(paths.plot(f"distill-{student}-{variant}"), lambda p, h=history: h.reset_index().to_csv(p, index=False))
+    for variant in VARIANTS:  # the stage is done: nothing left to resume
+        paths.resume(f"distill-{student}-{variant}").unlink(missing_ok=True)
     curves = pd.concat({v: h[["dev_avg_f1", "train_total"]] for v, h in histories.items()}, axis=1)
     curves.columns = [f"{v}_{c}" for v, c in curves.columns]
     return {"results": results, "summary": summary, "curves": curves}

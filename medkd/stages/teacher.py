@@ -22,8 +22,11 @@ def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
     data = load_data(params, dataset, root)
     model_cfg, cfg = teacher_configs(params, dataset)
     report_dir = reset_dir(paths.teacher_report(dataset))
-    result = train_teacher(data, model_cfg, cfg, report_dir, checkpoint_path=paths.teacher_checkpoint(dataset))
+    resume = paths.resume(f"teacher-{dataset}")
+    result = train_teacher(data, model_cfg, cfg, report_dir, checkpoint_path=paths.teacher_checkpoint(dataset),
+                           resume_path=resume)
     load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset))
+    resume.unlink(missing_ok=True)  # the stage is done: nothing left to resume
     metrics = json.loads((report_dir / "metrics.json").read_text())
     write_json(paths.metrics(f"teacher-{dataset}"), headline_metrics(metrics))
     history = pd.DataFrame(result.history)

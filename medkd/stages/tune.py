@@ -15,12 +15,12 @@ from typing import Mapping
 import optuna
 
 from medkd import report
-from medkd.files import reset_dir, write_json
+from medkd.files import reset_dir, sha256_file, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data
 from medkd.stages.schema import ParamsError, flatten_search_space, optuna_section, student_configs
-from medkd.train import distill_student
+from medkd.train import distill_student, resume_key
 
 
 def suggest(trial: optuna.Trial, search_space: Mapping) -> dict:
@@ -46,15 +46,27 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
     student = section.student
     dataset = params["students"][student]["dataset"]
     data = load_data(params, dataset, root)
-    storage = section.storage or f"sqlite:///{paths.optuna_models() / 'study.db'}"
+    # The study outlives a killed stage (DVC deletes the stage's outputs, not .medkd/): a re-run
+    # continues with the remaining trials. Its name carries a fingerprint of everything the trials
+    # depend on, so trials of another teacher, data or search space are never mixed in.
+    storage = section.storage or f"sqlite:///{paths.optuna_storage()}"
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    seed = params.get("seed", 42) if section.sampler_seed is None else section.sampler_seed
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=section.n_startup_trials)
+    fingerprint = resume_key(section.model_dump(exclude={"n_trials", "storage", "retrain_best"}),
+                             params["students"][student], params["distill"], params.get("seed"), params.get("runtime"),
+                             data.content_key("train"), sha256_file(paths.teacher_checkpoint(dataset)))
+    study_name = f"{section.study_name or f'medkd-{student}'}-{fingerprint[:10]}"
     pruner = optuna.pruners.MedianPruner(n_startup_trials=section.pruner_startup_trials,
                                          n_warmup_steps=section.pruner_warmup_epochs)
-    study = optuna.create_study(study_name=section.study_name or f"medkd-{student}", storage=storage,
-                                direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", pruner=pruner,
+                                load_if_exists=True)
+    states = optuna.trial.TrialState
+    if section.storage is None:  # our own storage has no other worker: a RUNNING trial was interrupted
+        for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            study.tell(trial.number, state=states.FAIL)
+    seed = params.get("seed", 42) if section.sampler_seed is None else section.sampler_seed
+    # Offset by the trials already there: a continued study does not redraw the first trials' values.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=section.n_startup_trials)
     per_trial = {f"train.{key}": value for key, value in section.train.items()}
 
     def objective(trial):
@@ -75,8 +87,10 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
                                      report_epoch=report_epoch, evaluate_test=False)
         return result.dev["avg_f1"]
 
-    finished = [t for t in study.trials if t.state.is_finished()]
-    remaining = max(0, section.n_trials - len(finished))
+    done = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+    remaining = max(0, section.n_trials - len(done))
+    if done:
+        print(f"study {study_name}: {len(done)} of {section.n_trials} trials already done, {remaining} to run")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=remaining, gc_after_trial=True)
 
@@ -84,9 +98,11 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
     trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
     trials["duration_s"] = trials.pop("duration").dt.total_seconds().round(1)
     trials.to_csv(out / "trials.csv", index=False)
-    states = optuna.trial.TrialState
     best = study.best_trial
-    write_json(out / "best_params.json", {"trial": best.number, "dev_avg_f1": best.value, "params": best.params})
+    write_json(out / "best_params.json", {"study": study_name, "trial": best.number, "dev_avg_f1": best.value,
+                                          "params": best.params})
+    write_json(paths.optuna_models() / "study.json", {"study": study_name, "storage": storage,
+                                                      "n_trials": len(study.trials)})
     report.plot_optuna(study, out)
     result_metrics = {"best_dev_avg_f1": round(best.value, 4), "n_trials": len(study.trials),
                       "n_complete": sum(t.state == states.COMPLETE for t in study.trials),
@@ -95,7 +111,9 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
         model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", best.params)
         retrained = distill_student(data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg,
                                     out / "best", cache_path=paths.teacher_cache(dataset),
-                                    rebuild_stale_cache=False, checkpoint_path=paths.optuna_models() / "best.pt")
+                                    rebuild_stale_cache=False, checkpoint_path=paths.optuna_models() / "best.pt",
+                                    resume_path=paths.resume("optuna-best"))
+        paths.resume("optuna-best").unlink(missing_ok=True)
         result_metrics["best_retrained"] = headline_metrics(json.loads((out / "best" / "metrics.json").read_text()))
         result_metrics["best_retrained_epochs"] = len(retrained.history)
     write_json(paths.metrics("optuna"), result_metrics)

@@ -1,0 +1,139 @@
+"""params.yaml's schema: every typo and type error found up front, named by its key path."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medkd.stages.schema import ParamsError, check_params, student_configs, teacher_configs, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+CI = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+
+
+def problems_after(change) -> dict[str, str]:
+    params = copy.deepcopy(CI)
+    change(params)
+    return {p.path: p.message for p in check_params(params)}
+
+
+def test_committed_configs_fit_the_schema():
+    for name in ("params.yaml", "configs/ci.yaml", "configs/paper.yaml"):
+        assert check_params(yaml.safe_load((REPO / name).read_text())) == [], name
+
+
+def test_a_key_typo_names_its_path_and_the_nearest_key():
+    def typo(p):
+        p["distill"]["tuned"]["model"]["fusion_layer"] = p["distill"]["tuned"]["model"].pop("fusion_layers")
+    found = problems_after(typo)
+    assert list(found) == ["distill.tuned.model.fusion_layer"]
+    assert found["distill.tuned.model.fusion_layer"].startswith("unknown key (did you mean 'fusion_layers'?)")
+
+
+def test_words_where_numbers_belong():
+    found = problems_after(lambda p: p["distill"]["train"].update(epochs="three"))
+    assert found == {"distill.train.epochs": "Input should be a valid integer, unable to parse string as an "
+                                             "integer (got 'three')"}
+
+
+def test_zero_epochs_is_out_of_range():
+    found = problems_after(lambda p: p["teachers"]["medpix"]["train"].update(epochs=0))
+    assert found == {"teachers.medpix.train.epochs": "Input should be greater than or equal to 1 (got 0)"}
+
+
+def test_yaml_strings_that_are_numbers_are_read_as_numbers():
+    # YAML 1.1 reads `2e-3` (no dot) as a string; the schema reads it as the number it means.
+    params = copy.deepcopy(CI)
+    params["distill"]["baseline"]["train"]["lr"] = "2e-3"
+    assert check_params(params) == []
+    assert student_configs(params, "tiny-a", "baseline")[2].lr == 0.002
+    params["distill"]["baseline"]["train"]["lr"] = "fast"
+    assert "distill.baseline.train.lr" in {p.path for p in check_params(params)}
+
+
+def test_a_misspelt_student_key_and_a_missing_one():
+    def typo(p):
+        p["students"]["tiny-a"]["vison"] = p["students"]["tiny-a"].pop("vision")
+    found = problems_after(typo)
+    assert found["students.tiny-a.vison"].startswith("unknown key (did you mean 'vision'?)")
+    assert found["students.tiny-a.vision"] == "required key is missing"
+
+
+def test_a_misspelt_optuna_key():
+    found = problems_after(lambda p: p["optuna"].update(n_trial=p["optuna"].pop("n_trials")))
+    assert found["optuna.n_trial"].startswith("unknown key (did you mean 'n_trials'?)")
+    assert found["optuna.n_trials"] == "required key is missing"
+
+
+def test_a_student_whose_data_set_is_not_under_data():
+    found = problems_after(lambda p: p["students"]["tiny-c"].update(dataset="woundz"))
+    assert found == {"students.tiny-c.dataset": "'woundz' has no teacher under `teachers:` (did you mean 'wound'?); "
+                                                "teachers: medpix, wound"}
+
+
+def test_a_bad_baseline_fusion_is_found_before_anything_trains():
+    found = problems_after(lambda p: p["distill"]["baseline"]["model"].update(fusion_dim=10))
+    assert found == {"distill.baseline.model": "fusion_dim=10 is not divisible by fusion_heads=4"}
+
+
+def test_registry_names_and_loss_terms():
+    def bad(p):
+        p["students"]["tiny-b"]["vision"] = "deit-smal"
+        p["teachers"]["wound"]["model"]["text"] = "mobilenetv2"
+        p["distill"]["tuned"]["loss"]["weights"]["klx"] = 1.0
+        p["data"]["wound"]["name"] = "wounds"
+    found = problems_after(bad)
+    assert found["students.tiny-b.vision"].startswith("unknown vision backbone 'deit-smal' (did you mean 'deit-small'?)")
+    assert found["teachers.wound.model.text"].startswith("unknown text backbone 'mobilenetv2'")
+    assert found["distill.tuned.loss.weights"].startswith("unknown term(s) ['klx'] (did you mean 'kl'?)")
+    assert found["data.wound.name"].startswith("unknown data set 'wounds' (did you mean 'wound'?)")
+
+
+def test_search_space_paths_and_ranges():
+    def bad(p):
+        space = p["optuna"]["search_space"]
+        space["loss"]["temprature"] = space["loss"].pop("temperature")
+        space["model"]["dropout"] = {"type": "float", "low": 0.1, "high": 1.5}
+        space["train"]["lr"]["low"] = 1.0  # above high
+    found = problems_after(bad)
+    assert found["optuna.search_space.loss.temprature"].startswith("'temprature' is not a loss setting (did you mean "
+                                                                   "'temperature'?)")
+    assert found["optuna.search_space.model.dropout"] == "value 1.5: Input should be less than 1 (got 1.5)"
+    assert found["optuna.search_space.train.lr"].startswith("needs low < high")
+
+
+def test_optuna_student_and_leakage_fields():
+    def bad(p):
+        p["optuna"]["student"] = "tiny-z"
+        p["data"]["medpix"]["text_fields"] = ["Caption", "Modality"]
+    found = problems_after(bad)
+    assert found["optuna.student"].startswith("no student 'tiny-z' under `students:`")
+    assert "leaks a label" in found["data.medpix"]
+
+
+def test_validate_raises_with_every_problem_listed():
+    params = copy.deepcopy(CI)
+    params["seed"] = "x"
+    params["runtime"]["device"] = "gpu"
+    with pytest.raises(ParamsError) as err:
+        validate_params(params)
+    assert str(err.value).startswith("params.yaml: 2 problems\n  seed: ")
+    assert "runtime.device: String should match pattern" in str(err.value)
+    assert teacher_configs(CI, "medpix")[1].epochs == 2
+
+
+def test_check_params_command(tmp_path):
+    params = copy.deepcopy(CI)
+    params["distill"]["tuned"]["model"]["fusion_layer"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "medkd", "check-params", "--params", str(tmp_path / "params.yaml"),
+                           "--stamp", str(tmp_path / "ok")], capture_output=True, text=True)
+    assert done.returncode == 2 and not (tmp_path / "ok").exists()
+    assert done.stderr.strip().splitlines()[-1] == f"{tmp_path / 'params.yaml'}: 1 problem; nothing was run"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(CI))
+    done = subprocess.run([sys.executable, "-m", "medkd", "check-params", "--params", str(tmp_path / "params.yaml"),
+                           "--stamp", str(tmp_path / "ok")], capture_output=True, text=True)
+    assert done.returncode == 0 and (tmp_path / "ok").exists()

@@ -1,0 +1,123 @@
+"""Stage functions in-process on a tiny project: resume state and the Optuna study outlive a killed stage."""
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+import medkd.stages.tune as tune_module
+from medkd.stages.common import Paths, open_stage
+from medkd.datasets import DataError
+from medkd.stages.distill import distill_stage
+from medkd.stages.prepare import prepare_stage
+from medkd.stages.schema import ParamsError
+from medkd.stages.teacher import teacher_stage
+from medkd.stages.tune import optuna_stage
+from medkd.synthetic import make_synthetic_medpix
+from medkd.train import TrainingInterrupted
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+    del params["data"]["wound"], params["teachers"]["wound"], params["students"]["tiny-c"], params["students"]["tiny-d"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(32, 12, 12), image_size=32)
+    teacher_stage(params, "medpix", root)
+    return root, params
+
+
+def test_open_stage_refuses_bad_params_with_their_key_paths(project, tmp_path):
+    root, params = project
+    (tmp_path / "dvc.yaml").write_text("")
+    bad = yaml.safe_load(yaml.safe_dump(params))
+    bad["distill"]["tuned"]["train"]["lr"] = "fast"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match=r"1 problem\n  distill.tuned.train.lr: Input should be a valid number"):
+        open_stage(tmp_path)
+    assert open_stage(root).params == params
+
+
+def test_teacher_stage_leaves_no_resume_state(project):
+    root, _ = project
+    assert not Paths(root).resume("teacher-medpix").exists()
+    assert Paths(root).teacher_cache("medpix").exists()
+
+
+def test_distill_stage_resumes_a_killed_variant_and_keeps_the_finished_one(project, monkeypatch):
+    root, params = project
+    paths = Paths(root)
+    reference = distill_stage(params, "tiny-a", root)["summary"]
+    import medkd.stages.distill as distill_module
+    real = distill_module.distill_student
+    calls = []
+
+    def interrupt_baseline(*args, **kwargs):
+        calls.append(kwargs["resume_path"].name)
+        if "baseline" in kwargs["resume_path"].name and len(calls) == 2:
+            kwargs["report_epoch"] = lambda epoch, score: (_ for _ in ()).throw(KeyboardInterrupt)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "distill_student", interrupt_baseline)
+    with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2 of 2: epochs 1-1 are saved"):
+        distill_stage(params, "tiny-a", root)
+    assert paths.resume("distill-tiny-a-tuned").exists() and paths.resume("distill-tiny-a-baseline").exists()
+    resumed = distill_stage(params, "tiny-a", root)["summary"]
+    for variant in ("tuned", "baseline"):
+        for key in ("test_avg_f1", "dev_avg_f1", "parameters"):
+            assert resumed[variant][key] == reference[variant][key]
+    assert not list((paths.state() / "resume").glob("distill-tiny-a-*"))  # cleared when the stage finished
+
+
+def test_a_killed_optuna_stage_continues_with_the_remaining_trials(project, monkeypatch):
+    root, params = project
+    params = yaml.safe_load(yaml.safe_dump(params))
+    params["optuna"]["retrain_best"] = False
+    real = tune_module.distill_student
+    calls = []
+
+    def killed_in_second_trial(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "distill_student", killed_in_second_trial)
+    with pytest.raises(KeyboardInterrupt):
+        optuna_stage(params, root)
+    monkeypatch.setattr(tune_module, "distill_student", real)
+    run = optuna_stage(params, root)
+    states = [t.state for t in run["study"].trials]
+    assert states[0] == optuna.trial.TrialState.COMPLETE  # the first trial's result was kept, not re-run
+    assert states[1] == optuna.trial.TrialState.FAIL  # the interrupted one is recorded as such
+    done = [s for s in states if s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) == params["optuna"]["n_trials"]
+    first_values = run["study"].trials[0].params
+    assert all(t.params != first_values for t in run["study"].trials[2:])  # no start-up value drawn twice
+    # Another search space is another study: its trials never mix with these.
+    params["optuna"]["search_space"]["loss"]["temperature"]["high"] = 5.0
+    other = optuna_stage(params, root)
+    assert other["study"].study_name != run["study"].study_name
+    assert len(other["study"].trials) == params["optuna"]["n_trials"]
+
+
+def test_prepare_writes_its_report_whole_or_not_at_all(project, tmp_path):
+    _, params = project
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    make_synthetic_medpix(tmp_path / "data" / "medpix-2.0", sizes=(16, 6, 6), image_size=16)
+    prepared = prepare_stage(params, "medpix", tmp_path)
+    before = {p.name: p.read_bytes() for p in prepared["out"].iterdir()}
+    assert {"manifest_train.csv", "vocab.json", "data_report.md", "examples.png"} <= set(before)
+    broken = next((tmp_path / "data" / "medpix-2.0" / "images").glob("*.png"))
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(DataError, match=f"unreadable image .*{broken.name}"):
+        prepare_stage(params, "medpix", tmp_path)
+    assert {p.name: p.read_bytes() for p in prepared["out"].iterdir()} == before
+    assert [p.name for p in prepared["out"].parent.iterdir()] == ["medpix"]  # no half-written folder beside it
