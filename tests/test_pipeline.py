@@ -167,8 +167,11 @@ def test_missing_data_set_fails_prepare_with_instructions(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["dvc", "repro", "prepare@medpix"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode != 0
-    assert "DataError: data set 'medpix' is not at" in done.stdout + done.stderr
-    assert "run `make data`" in done.stdout + done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    # One line names the cause, right before DVC's own summary; the traceback stays in the notebook.
+    final = [line for line in lines if line.startswith("stage failed: ")]
+    assert len(final) == 1 and final[0].startswith("stage failed: DataError: data set 'medpix' is not at ")
+    assert "run `make data`" in final[0] and "Traceback" not in done.stdout + done.stderr
 
 
 def test_paper_preset_parses_builds_its_dag_and_models(tmp_path):
