@@ -51,8 +51,9 @@ paper: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: $(STAMP) $(OFFLINE_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cache_speedup.py
+# Throughput of params.yaml's teacher and students, switches off vs on (benchmarks/throughput.py).
+bench: $(STAMP) $(OFFLINE_STAMP) data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

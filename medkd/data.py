@@ -177,6 +177,11 @@ class MultimodalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def by_length(self) -> list[int]:
+        """Sample indices ordered by their longest tokenized text over the roles (stable)."""
+        lengths = torch.stack([mask.sum(1) for _, mask in self.tokens.values()]).amax(0)
+        return torch.argsort(lengths, stable=True).tolist()
+
     def __getitem__(self, index: int) -> int:
         return index
 
@@ -208,8 +213,16 @@ def random_flip_and_shift(pixels: torch.Tensor, max_shift: float = 0.1) -> torch
     return torch.nn.functional.grid_sample(pixels, grid, padding_mode="zeros", align_corners=False)
 
 
-def make_loader(dataset: MultimodalDataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(dataset: MultimodalDataset, batch_size: int, shuffle: bool, seed: int = 0,
+                by_length: bool = False) -> DataLoader:
+    """Batches of `dataset`. `by_length` (evaluation only: order-free) batches samples of similar
+    text length together, so each batch pads to less: the caller restores the order from `index`."""
     generator = torch.Generator().manual_seed(seed)
+    if by_length:
+        if shuffle:
+            raise ValueError("by_length batching is for evaluation; training batches are shuffled")
+        return DataLoader(dataset, batch_size=batch_size, sampler=dataset.by_length(), collate_fn=dataset.collate,
+                          generator=generator, num_workers=0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate,
                       generator=generator, num_workers=0)
 

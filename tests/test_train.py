@@ -230,7 +230,7 @@ def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, d
     for split in ("dev", "test"):
         assert (tmp_path / "full" / f"predictions_{split}.csv").read_bytes() == \
             (tmp_path / "cut" / f"predictions_{split}.csv").read_bytes()
-    losses = lambda run: [{k: v for k, v in row.items() if k != "train_seconds"} for row in run.history]  # noqa: E731
+    losses = lambda run: [{k: v for k, v in row.items() if "seconds" not in k} for row in run.history]  # noqa: E731
     assert losses(resumed) == losses(full) and resumed.best_epoch == full.best_epoch
     a, b = (torch.load(r.checkpoint, weights_only=False)["state_dict"] for r in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -276,3 +276,37 @@ def test_state_of_another_run_is_not_resumed(teacher_run, data, tmp_path):
     fresh = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), other, tmp_path / "c",
                             cache_path=tmp_path / "cache.pt")
     assert [r["train_total"] for r in run.history] == [r["train_total"] for r in fresh.history]
+
+
+def test_padding_is_ignored_to_fp32_precision(teacher_run, data):
+    """Masked positions change nothing: the same texts padded to their longest or to 40 tokens."""
+    model, _ = load_checkpoint(teacher_run.checkpoint)
+    model.eval()
+    tokenizer = build_tokenizer("tiny-bert")
+    texts = [r.text for r in data.records["dev"][:6]]
+    pixels = data.images("dev")[:6].float() / 255
+    tight = tokenizer(texts, padding="longest", truncation=True, max_length=24, return_tensors="pt")
+    wide = tokenizer(texts, padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    wide = {k: torch.cat([v, torch.zeros(len(texts), 16, dtype=v.dtype)], 1) for k, v in wide.items()}  # 40 tokens
+    assert wide["input_ids"].shape[1] > tight["input_ids"].shape[1]
+    with torch.no_grad():
+        a = model(pixels, tight["input_ids"], tight["attention_mask"])
+        b = model(pixels, wide["input_ids"], wide["attention_mask"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+def test_speed_switches_keep_outputs_within_tolerance(teacher_run, data):
+    """Length-sorted evaluation batches and channels-last give the same predictions (fp32, 1e-5)."""
+    from medkd.train import evaluate
+    model, _ = load_checkpoint(teacher_run.checkpoint)
+    tokenizer = build_tokenizer("tiny-bert")
+    plain = TrainConfig(**{**FAST.to_dict(), "channels_last": False, "eval_by_length": False, "eval_batch_size": 5})
+    fast = TrainConfig(**{**FAST.to_dict(), "channels_last": True, "eval_by_length": True, "eval_batch_size": 5})
+    _, a = evaluate(model, data, "test", tokenizer, "teacher", plain, torch.device("cpu"))
+    _, b = evaluate(model.to(memory_format=torch.channels_last), data, "test", tokenizer, "teacher", fast,
+                    torch.device("cpu"))
+    assert a["index"].tolist() == b["index"].tolist() == list(range(len(data.records["test"])))
+    assert (a.filter(like="_pred") == b.filter(like="_pred")).all().all()
+    probs = a.filter(like="_prob_").columns
+    assert abs(a[probs].to_numpy() - b[probs].to_numpy()).max() < 1e-5
