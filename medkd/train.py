@@ -417,8 +417,8 @@ def _fit(
     except KeyboardInterrupt:
         saved = (f"epochs 1-{saved_epoch} are saved in {run.resume.path}; re-run to resume from epoch "
                  f"{saved_epoch + 1}" if run.resume and saved_epoch else "no epoch was saved; re-run to start again")
-        raise TrainingInterrupted(f"{run.role} interrupted at epoch {min(epoch + (saved_epoch == epoch), cfg.epochs)} "
-                                  f"of {cfg.epochs}: {saved}") from None
+        current = min(saved_epoch + 1, cfg.epochs) if run.resume else epoch  # the epoch that did not finish
+        raise TrainingInterrupted(f"{run.role} interrupted at epoch {current} of {cfg.epochs}: {saved}") from None
     if run.resume:
         save(cfg.epochs, complete=True)
     return best, history

@@ -33,15 +33,27 @@ def test_a_key_typo_names_its_path_and_the_nearest_key():
     assert found["distill.tuned.model.fusion_layer"].startswith("unknown key (did you mean 'fusion_layers'?)")
 
 
-def test_words_where_numbers_belong():
-    found = problems_after(lambda p: p["distill"]["train"].update(epochs="three"))
-    assert found == {"distill.train.epochs": "Input should be a valid integer, unable to parse string as an "
-                                             "integer (got 'three')"}
+ONE_PROBLEM = {
+    "words where numbers belong": (
+        lambda p: p["distill"]["train"].update(epochs="three"),
+        {"distill.train.epochs": "Input should be a valid integer, unable to parse string as an integer (got 'three')"}),
+    "zero epochs": (
+        lambda p: p["teachers"]["medpix"]["train"].update(epochs=0),
+        {"teachers.medpix.train.epochs": "Input should be greater than or equal to 1 (got 0)"}),
+    "a student's data set not under data": (
+        lambda p: p["students"]["tiny-c"].update(dataset="woundz"),
+        {"students.tiny-c.dataset": "'woundz' has no teacher under `teachers:` (did you mean 'wound'?); "
+                                    "teachers: medpix, wound"}),
+    "a bad baseline fusion, found before anything trains": (
+        lambda p: p["distill"]["baseline"]["model"].update(fusion_dim=10),
+        {"distill.baseline.model": "fusion_dim=10 is not divisible by fusion_heads=4"}),
+}
 
 
-def test_zero_epochs_is_out_of_range():
-    found = problems_after(lambda p: p["teachers"]["medpix"]["train"].update(epochs=0))
-    assert found == {"teachers.medpix.train.epochs": "Input should be greater than or equal to 1 (got 0)"}
+@pytest.mark.parametrize("case", list(ONE_PROBLEM))
+def test_one_mistake_one_message_at_its_key_path(case):
+    change, expected = ONE_PROBLEM[case]
+    assert problems_after(change) == expected
 
 
 def test_yaml_strings_that_are_numbers_are_read_as_numbers():
@@ -66,17 +78,6 @@ def test_a_misspelt_optuna_key():
     found = problems_after(lambda p: p["optuna"].update(n_trial=p["optuna"].pop("n_trials")))
     assert found["optuna.n_trial"].startswith("unknown key (did you mean 'n_trials'?)")
     assert found["optuna.n_trials"] == "required key is missing"
-
-
-def test_a_student_whose_data_set_is_not_under_data():
-    found = problems_after(lambda p: p["students"]["tiny-c"].update(dataset="woundz"))
-    assert found == {"students.tiny-c.dataset": "'woundz' has no teacher under `teachers:` (did you mean 'wound'?); "
-                                                "teachers: medpix, wound"}
-
-
-def test_a_bad_baseline_fusion_is_found_before_anything_trains():
-    found = problems_after(lambda p: p["distill"]["baseline"]["model"].update(fusion_dim=10))
-    assert found == {"distill.baseline.model": "fusion_dim=10 is not divisible by fusion_heads=4"}
 
 
 def test_registry_names_and_loss_terms():

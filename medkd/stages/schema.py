@@ -145,14 +145,22 @@ class ParamsFile(_Section):
 # --------------------------------------------------------------------------- messages
 
 
+def _unwrap(node: Any) -> Any:
+    """`X | None` and `Annotated[X, ...]` -> X."""
+    while True:
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            node = next(a for a in typing.get_args(node) if a is not type(None))
+        elif typing.get_origin(node) is Annotated:
+            node = typing.get_args(node)[0]
+        else:
+            return node
+
+
 def _known_keys(model: type, loc: tuple) -> list[str]:
     """The keys allowed where `loc` points (for 'did you mean')."""
     node: Any = model
     for part in loc:
-        while typing.get_origin(node) in (typing.Union, types.UnionType):
-            node = next(a for a in typing.get_args(node) if a is not type(None))
-        while typing.get_origin(node) is Annotated:
-            node = typing.get_args(node)[0]
+        node = _unwrap(node)
         if isinstance(node, type) and issubclass(node, BaseModel):
             field = node.model_fields.get(str(part))
             if field is None:
@@ -162,8 +170,7 @@ def _known_keys(model: type, loc: tuple) -> list[str]:
             node = typing.get_args(node)[1]
         else:
             return []
-    while typing.get_origin(node) in (typing.Union, types.UnionType):
-        node = next(a for a in typing.get_args(node) if a is not type(None))
+    node = _unwrap(node)
     return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
