@@ -236,6 +236,7 @@ class PreparedData:
     labels: dict[str, torch.Tensor]
     vocab: Vocab
     _images: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _content_keys: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: DataConfig) -> "PreparedData":
@@ -259,7 +260,15 @@ class PreparedData:
                                  self.config.max_length, augment=augment)
 
     def content_key(self, split: str) -> str:
-        """sha256 of what a model sees of a split: decoded pixels, texts, labels, preprocessing."""
+        """sha256 of what a model sees of a split: decoded pixels, texts, labels, preprocessing.
+
+        Computed once per split (the cache key, the resume key and the Optuna fingerprint all ask).
+        """
+        if split not in self._content_keys:
+            self._content_keys[split] = self._hash_content(split)
+        return self._content_keys[split]
+
+    def _hash_content(self, split: str) -> str:
         digest = hashlib.sha256(repr((self.config.image_size, self.config.max_length, self.config.text_fields,
                                       self.config.label_fields)).encode())
         digest.update(self.images(split).numpy().tobytes())

@@ -125,14 +125,24 @@ def save_checkpoint(path: Path, model: MultimodalClassifier, model_cfg: ModelCon
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[MultimodalClassifier, dict]:
     """Rebuild the model from its stored config (random init, no download) and load its weights."""
+    payload = read_checkpoint(path)
+    return model_from_checkpoint(payload, device), payload
+
+
+def read_checkpoint(path: Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a medkd checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def model_from_checkpoint(payload: Mapping, device: torch.device | str = "cpu") -> MultimodalClassifier:
+    """The model a checkpoint describes (random init, no download), with its weights."""
     cfg = ModelConfig.from_dict(payload["model_config"])
     vocab = Vocab.from_dict(payload["vocab"])
     model = build_model(cfg, vocab.num_classes, pretrained=False)
     model.load_state_dict(payload["state_dict"])
-    return model.to(device), payload
+    return model.to(device)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -177,11 +187,15 @@ def teacher_cache_key(payload: Mapping, data: PreparedData, tokenizer, bf16: boo
 
 
 def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
-                        device: torch.device | None = None) -> dict:
-    """Run the frozen teacher once over the training split (no augmentation)."""
+                        device: torch.device | None = None, payload: Mapping | None = None, tokenizer=None) -> dict:
+    """Run the frozen teacher once over the training split (no augmentation).
+
+    `payload`/`tokenizer`: the checkpoint and tokenizer when the caller has them already.
+    """
     device = device or resolve_device(cfg.device)
-    teacher, payload = load_checkpoint(teacher_ckpt, device)
-    tokenizer = ModelConfig.from_dict(payload["model_config"]).tokenizer()
+    payload = payload if payload is not None else read_checkpoint(teacher_ckpt)
+    teacher = model_from_checkpoint(payload, device)
+    tokenizer = tokenizer if tokenizer is not None else ModelConfig.from_dict(payload["model_config"]).tokenizer()
     loader = make_loader(data.dataset("train", {"teacher": tokenizer}), cfg.eval_batch_size, shuffle=False,
                          by_length=cfg.eval_by_length)
     teacher = _memory_format(teacher, cfg)
@@ -201,10 +215,9 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
     With `rebuild_stale=False` a missing or stale cache is an error (a pipeline stage must not
     rewrite another stage's output).
     """
-    payload = torch.load(teacher_ckpt, map_location="cpu", weights_only=False)
+    payload = read_checkpoint(teacher_ckpt)
     tokenizer = ModelConfig.from_dict(payload["model_config"]).tokenizer()
     key = teacher_cache_key(payload, data, tokenizer, cfg.bf16)
-    del payload
     cache_path = Path(cache_path)
     if cache_path.exists():
         cache = torch.load(cache_path, map_location="cpu", weights_only=True)
@@ -215,7 +228,7 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
             f"teacher cache {cache_path} is missing or was made by another teacher or preprocessing; "
             "rebuild it with the teacher stage (dvc repro)"
         )
-    cache = build_teacher_cache(teacher_ckpt, data, cfg, device)
+    cache = build_teacher_cache(teacher_ckpt, data, cfg, device, payload=payload, tokenizer=tokenizer)
     atomic_write(cache_path, lambda p: torch.save(cache, p))
     return cache
 
@@ -489,12 +502,14 @@ def distill_student(
     checkpoint_path: Path | None = None,
     rebuild_stale_cache: bool = True,
     resume_path: Path | None = None,
+    teacher_cache: Mapping | None = None,
 ) -> RunResult:
     """Phase 2: the student learns from the labels and the frozen teacher (CombinedLoss).
 
     The teacher's outputs come from a cache computed once (default when inputs are
     deterministic) or from the live teacher under no_grad (with random augmentation).
     With `resume_path`, per-epoch state is saved there and resumed (see `train_teacher`).
+    `teacher_cache`: cached outputs the caller already loaded (e.g. once for all Optuna trials).
     """
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -505,7 +520,10 @@ def distill_student(
 
     tokenizers = {"student": model_cfg.tokenizer()}
     teacher = cache = None
-    if use_cache:
+    if use_cache and teacher_cache is not None:
+        cache = teacher_cache
+        teacher_dims = cache["dims"]
+    elif use_cache:
         cache_path = Path(cache_path) if cache_path else Path(out_dir) / "teacher_cache.pt"
         cache = load_or_build_teacher_cache(teacher_ckpt, data, cfg, cache_path, device,
                                             rebuild_stale=rebuild_stale_cache)

@@ -20,7 +20,7 @@ from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data
 from medkd.stages.schema import ParamsError, flatten_search_space, optuna_section, student_configs
-from medkd.train import distill_student, resume_key
+from medkd.train import distill_student, load_or_build_teacher_cache, resume_key
 
 
 def suggest(trial: optuna.Trial, search_space: Mapping) -> dict:
@@ -68,6 +68,10 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
     # Offset by the trials already there: a continued study does not redraw the first trials' values.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=section.n_startup_trials)
     per_trial = {f"train.{key}": value for key, value in section.train.items()}
+    # Read the teacher's cached outputs once for all trials and the retrain, not once per trial.
+    _, _, base_cfg = student_configs(params, student, "tuned")
+    cache = load_or_build_teacher_cache(paths.teacher_checkpoint(dataset), data, base_cfg,
+                                        paths.teacher_cache(dataset), rebuild_stale=False)
 
     def objective(trial):
         values = suggest(trial, section.search_space)
@@ -83,7 +87,7 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
 
         with tempfile.TemporaryDirectory() as tmp:
             result = distill_student(data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg, Path(tmp),
-                                     cache_path=paths.teacher_cache(dataset), rebuild_stale_cache=False,
+                                     teacher_cache=cache,
                                      report_epoch=report_epoch, evaluate_test=False)
         return result.dev["avg_f1"]
 
@@ -110,8 +114,7 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
     if section.retrain_best:
         model_cfg, loss_cfg, cfg = student_configs(params, student, "tuned", best.params)
         retrained = distill_student(data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg,
-                                    out / "best", cache_path=paths.teacher_cache(dataset),
-                                    rebuild_stale_cache=False, checkpoint_path=paths.optuna_models() / "best.pt",
+                                    out / "best", teacher_cache=cache, checkpoint_path=paths.optuna_models() / "best.pt",
                                     resume_path=paths.resume("optuna-best"))
         paths.resume("optuna-best").unlink(missing_ok=True)
         result_metrics["best_retrained"] = headline_metrics(json.loads((out / "best" / "metrics.json").read_text()))
