@@ -42,8 +42,12 @@ from medkd.train import (
     save_checkpoint, train_teacher,
 )
 
-SWITCHES = {"baseline": {"channels_last": False, "fused_optimizer": False, "eval_by_length": False},
-            "optimised": {"channels_last": True, "fused_optimizer": True, "eval_by_length": True}}
+_OFF = {"channels_last": False, "fused_optimizer": False, "eval_by_length": False, "train_by_length": False,
+        "compile": False}
+_DEFAULT = {k: getattr(TrainConfig(), k) for k in _OFF}
+# "optimised" is the engine's defaults; each "+switch" adds one switch the defaults leave off.
+SWITCHES = {"baseline": _OFF, "optimised": _DEFAULT,
+            **{f"+{k}": {**_DEFAULT, k: True} for k, on in _DEFAULT.items() if not on}}
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -100,7 +104,9 @@ def measure(name: str, role: str, model_cfg, loss_cfg, cfg: TrainConfig, data: P
     batch = next(iter(make_loader(data.dataset("train", {role: tokenizer}), cfg.batch_size, shuffle=True)))
     eval_flops = forward_flops_per_sample(model, batch, cfg, role, device)
     train_flops = 3 * eval_flops
+    first = run.history[0]
     return {"train_sps": epoch["train_samples"] / busy, "eval_sps": eval_rate,
+            "first_epoch_extra_s": first["train_seconds"] - epoch["train_seconds"],
             "outside_model": (epoch["seconds_data"] + epoch["seconds_optimizer"]) / busy,
             "data_share": epoch["seconds_data"] / busy, "optimizer_share": epoch["seconds_optimizer"] / busy,
             "train_gflop_per_sample": train_flops / 1e9, "eval_gflop_per_sample": eval_flops / 1e9,
@@ -117,6 +123,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=96)
     parser.add_argument("--only", nargs="*", default=None, help="model names to measure (teacher, student names)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating baseline/optimised runs; medians reported")
+    parser.add_argument("--variants", nargs="*", default=["baseline", "optimised"], choices=list(SWITCHES),
+                        help="switch sets to compare with the first (+name: the defaults plus one switch)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
     params = yaml.safe_load(args.params.read_text())
@@ -142,7 +150,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         setups = {}
-        for variant, switches in SWITCHES.items():
+        for variant in args.variants:
+            switches = SWITCHES[variant]
             base = TrainConfig(**{**teacher_train.to_dict(), **switches, "epochs": 2, "max_steps_per_epoch": args.steps})
             n_train = args.steps * base.batch_size
             data = subset(PreparedData.load(data_cfg), {"train": n_train, "dev": args.eval_samples,
@@ -174,7 +183,7 @@ def main() -> None:
                           f"  outside model {100 * result['outside_model']:4.1f}%  {result['train_gflops']:5.0f} GFLOP/s "
                           f"({100 * result['ceiling_share']:.0f}% of {precision})", flush=True)
     frame = pd.DataFrame(rows)
-    table = table_of(frame)
+    table = table_of(frame, args.variants)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
                "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
                "platform": platform.platform(), "ceiling_gflops": ceiling,
@@ -187,36 +196,40 @@ def main() -> None:
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
 
 
-def table_of(frame: pd.DataFrame) -> pd.DataFrame:
-    """Baseline vs optimised per model (medians over the repeats), with the ratios."""
+def table_of(frame: pd.DataFrame, variants: list[str]) -> pd.DataFrame:
+    """Each variant against the first (medians over the repeats), with the ratios."""
     medians = frame.groupby(["model", "variant"], sort=False).median(numeric_only=True).reset_index()
     labels = frame.drop_duplicates("model").set_index("model")["backbones"]
     medians["backbones"] = medians["model"].map(labels)
-    base = medians[medians.variant == "baseline"].set_index("model")
-    fast = medians[medians.variant == "optimised"].set_index("model")
+    reference = variants[0]
+    base = medians[medians.variant == reference].set_index("model")
     rows = []
-    for model in base.index:
-        b, f = base.loc[model], fast.loc[model]
-        rows.append({
-            "model": f"{model} ({b.backbones}, {b.parameters_m:.1f}M)",
-            "GFLOP/sample train": f"{b.train_gflop_per_sample:.2f}",
-            "train samples/s": f"{b.train_sps:.1f} → {f.train_sps:.1f} (×{f.train_sps / b.train_sps:.2f})",
-            "train ratio per repeat": ratios(frame, model, "train_sps"),
-            "eval samples/s": f"{b.eval_sps:.1f} → {f.eval_sps:.1f} (×{f.eval_sps / b.eval_sps:.2f})",
-            "cache build samples/s": (f"{b.cache_build_sps:.1f} → {f.cache_build_sps:.1f} "
-                                      f"(×{f.cache_build_sps / b.cache_build_sps:.2f})"
-                                      if pd.notna(b.cache_build_sps) else ""),
-            "achieved GFLOP/s (share of ceiling)": f"{b.train_gflops:.0f} ({100 * b.ceiling_share:.0f}%) → "
-                                                   f"{f.train_gflops:.0f} ({100 * f.ceiling_share:.0f}%)",
-            "outside the model": f"{100 * b.outside_model:.0f}% → {100 * f.outside_model:.0f}%",
-        })
+    for variant in variants[1:]:
+        fast = medians[medians.variant == variant].set_index("model")
+        for model in base.index:
+            b, f = base.loc[model], fast.loc[model]
+            rows.append({
+                "model": f"{model} ({b.backbones}, {b.parameters_m:.1f}M)",
+                "variant": f"{reference} → {variant}",
+                "GFLOP/sample train": f"{b.train_gflop_per_sample:.2f}",
+                "train samples/s": f"{b.train_sps:.1f} → {f.train_sps:.1f} (×{f.train_sps / b.train_sps:.2f})",
+                "train ratio per repeat": ratios(frame, model, "train_sps", reference, variant),
+                "eval samples/s": f"{b.eval_sps:.1f} → {f.eval_sps:.1f} (×{f.eval_sps / b.eval_sps:.2f})",
+                "cache build samples/s": (f"{b.cache_build_sps:.1f} → {f.cache_build_sps:.1f} "
+                                          f"(×{f.cache_build_sps / b.cache_build_sps:.2f})"
+                                          if pd.notna(b.get("cache_build_sps")) else ""),
+                "achieved GFLOP/s (share of ceiling)": f"{b.train_gflops:.0f} ({100 * b.ceiling_share:.0f}%) → "
+                                                       f"{f.train_gflops:.0f} ({100 * f.ceiling_share:.0f}%)",
+                "outside the model": f"{100 * b.outside_model:.0f}% → {100 * f.outside_model:.0f}%",
+                "first-epoch extra s": f"{b.first_epoch_extra_s:.0f} → {f.first_epoch_extra_s:.0f}",
+            })
     return pd.DataFrame(rows)
 
 
-def ratios(frame: pd.DataFrame, model: str, column: str) -> str:
-    """optimised/baseline of each repeat: the spread says how much of a ratio is noise."""
+def ratios(frame: pd.DataFrame, model: str, column: str, reference: str, variant: str) -> str:
+    """variant/reference of each repeat: the spread says how much of a ratio is noise."""
     sub = frame[frame.model == model].pivot(index="repeat", columns="variant", values=column)
-    return ", ".join(f"{r:.2f}" for r in sub["optimised"] / sub["baseline"])
+    return ", ".join(f"{r:.2f}" for r in sub[variant] / sub[reference])
 
 
 def cpu_model() -> str:

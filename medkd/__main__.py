@@ -1,5 +1,5 @@
 import sys
 
-from medkd.cli import main
+from medkd.commands import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""The `medkd` command (also `python -m medkd`).
+"""The pipeline's own commands, light on imports: DVC's stage commands run `python -m medkd.cli`, so
+a stage depends on these modules only (the full `medkd` command is `medkd/commands.py`).
 
     medkd check-params [--params params.yaml] [--stamp FILE]
     medkd run-stage NOTEBOOK OUTPUT [-p NAME VALUE]...
@@ -47,7 +48,8 @@ def _parameter_value(text: str):
     return value if isinstance(value, (int, float, bool)) else text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser with this module's commands, and its subparsers for more."""
     parser = argparse.ArgumentParser(prog="medkd", description="medkd: multimodal knowledge distillation study")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="check params.yaml against the schema (all problems at once)")
@@ -57,11 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebook", type=Path)
     run.add_argument("output", type=Path)
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    args = parser.parse_args(argv)
+    return parser, sub
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `check-params` or `run-stage`."""
     if args.command == "check-params":
         return check_params_command(args.params, args.stamp)
     parameters = {name: _parameter_value(value) for name, value in args.parameter}
     return run_stage(args.notebook, args.output, parameters)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
 from medkd.config import FromMapping, config_dataclass, one_of
+from medkd.distributed import shard, world_size
 from medkd.files import sha256_file
 from medkd.datasets import (
     SPLITS, DataError, DatasetSpec, Record, SplitSource, Vocab, check_leakage, get_dataset, list_datasets,
@@ -177,10 +178,13 @@ class MultimodalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> torch.Tensor:
+        """Each sample's longest tokenized text over the roles."""
+        return torch.stack([mask.sum(1) for _, mask in self.tokens.values()]).amax(0)
+
     def by_length(self) -> list[int]:
         """Sample indices ordered by their longest tokenized text over the roles (stable)."""
-        lengths = torch.stack([mask.sum(1) for _, mask in self.tokens.values()]).amax(0)
-        return torch.argsort(lengths, stable=True).tolist()
+        return torch.argsort(self.lengths(), stable=True).tolist()
 
     def __getitem__(self, index: int) -> int:
         return index
@@ -213,14 +217,67 @@ def random_flip_and_shift(pixels: torch.Tensor, max_shift: float = 0.1) -> torch
     return torch.nn.functional.grid_sample(pixels, grid, padding_mode="zeros", align_corners=False)
 
 
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Shuffled training batches of similar text length: less padding, still random.
+
+    Each epoch shuffles all samples, cuts them into pools of `pool_batches` batches, sorts each
+    pool by length, cuts it into batches and shuffles the batches. Every sample is seen once per
+    epoch and the number of batches is that of plain shuffling; all randomness comes from
+    `generator` (the loader's: its state is what a resumed run restores).
+    """
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool_batches: int = 8):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.pool = batch_size * pool_batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator)
+        batches = []
+        for pool in order.split(self.pool):
+            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches.extend(pool.split(self.batch_size))
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i].tolist()
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """This rank's part of each global batch of `batches` (data-parallel training).
+
+    Every rank draws the same global batches (same generator, same seed): a run on N processes
+    trains on exactly the batches of a one-process run.
+    """
+
+    def __init__(self, batches: Sampler[list[int]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield shard(batch)
+
+
 def make_loader(dataset: MultimodalDataset, batch_size: int, shuffle: bool, seed: int = 0,
                 by_length: bool = False) -> DataLoader:
-    """Batches of `dataset`. `by_length` (evaluation only: order-free) batches samples of similar
-    text length together, so each batch pads to less: the caller restores the order from `index`."""
+    """Batches of `dataset`. `by_length` batches samples of similar text length together, so each
+    batch pads to less: for evaluation (no shuffle) in length order (the caller restores the order
+    from `index`); for training (shuffle) via `LengthBucketBatchSampler`. Under data-parallel
+    training, shuffled (training) batches are sharded over the ranks; evaluation is not."""
     generator = torch.Generator().manual_seed(seed)
+    if shuffle and world_size() > 1:
+        batches = (LengthBucketBatchSampler(dataset.lengths(), batch_size, generator) if by_length else
+                   BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False))
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches), collate_fn=dataset.collate,
+                          generator=generator, num_workers=0)
+    if by_length and shuffle:
+        sampler = LengthBucketBatchSampler(dataset.lengths(), batch_size, generator)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, generator=generator,
+                          num_workers=0)
     if by_length:
-        if shuffle:
-            raise ValueError("by_length batching is for evaluation; training batches are shuffled")
         return DataLoader(dataset, batch_size=batch_size, sampler=dataset.by_length(), collate_fn=dataset.collate,
                           generator=generator, num_workers=0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate,

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from medkd.config import FromMapping, config_dataclass, did_you_mean
+from medkd.distributed import all_reduce_sum, gather_rows, world_size
 from medkd.models import TASK_LOGITS
 
 Outputs = Mapping[str, torch.Tensor]
@@ -252,20 +253,33 @@ class CRDLoss(nn.Module):
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             v_s = self.embed(self.embed_s, f_s)
             v_t = self.embed(self.embed_t, f_t.detach())
+            # Data-parallel: the global batch's indices, so that every rank draws the negatives and
+            # moves the memories exactly as one process would (identical banks on every rank).
+            global_index, offset = gather_rows(index.to(v_s.device))
             if contrast_index is None:
-                contrast_index = self.sample_contrast_index(index)
+                contrast_index = self.sample_contrast_index(global_index)[offset: offset + len(index)]
             contrast_index = contrast_index.to(v_s.device)
             # Student anchors against teacher memory, teacher anchors against student memory.
             scores_s = self._scores(self.memory_t, contrast_index, v_s)
             scores_t = self._scores(self.memory_s, contrast_index, v_t)
             if self.z_norm[0] < 0:
                 with torch.no_grad():
-                    self.z_norm.copy_(torch.stack((scores_s.mean(), scores_t.mean())) * self.n_data)
+                    self.z_norm.copy_(self._global_mean(scores_s, scores_t) * self.n_data)
             loss = self._nce(scores_s / self.z_norm[0]) + self._nce(scores_t / self.z_norm[1])
             if self.training:
-                self._update_memory(self.memory_s, index, v_s)
-                self._update_memory(self.memory_t, index, v_t)
+                self._update_memory(self.memory_s, global_index, gather_rows(v_s.detach())[0])
+                self._update_memory(self.memory_t, global_index, gather_rows(v_t.detach())[0])
         return loss
+
+    @staticmethod
+    def _global_mean(scores_s: torch.Tensor, scores_t: torch.Tensor) -> torch.Tensor:
+        """(mean of scores_s, mean of scores_t) over the global batch."""
+        if world_size() == 1:
+            return torch.stack((scores_s.mean(), scores_t.mean()))
+        sums = torch.stack((scores_s.sum(), scores_t.sum(), torch.tensor(float(scores_s.numel()),
+                                                                          device=scores_s.device)))
+        sums = all_reduce_sum(sums.double())
+        return (sums[:2] / sums[2]).to(scores_s.dtype)
 
     def _scores(self, memory: torch.Tensor, contrast_index: torch.Tensor, anchor: torch.Tensor):
         rows = memory[contrast_index].detach()  # (B, K+1, D)

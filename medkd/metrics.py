@@ -78,10 +78,12 @@ def vocab_of_predictions(frame: pd.DataFrame, tasks: Sequence[str]) -> Vocab:
 
 
 def load_run(run_dir: Path) -> dict:
-    """A finished run's metrics.json plus its test metrics recomputed from predictions_test.csv."""
+    """A finished run's metrics.json plus its test metrics recomputed from predictions_test.csv (kept
+    as `predictions` for the paired bootstrap)."""
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     frame = pd.read_csv(run_dir / "predictions_test.csv")
     vocab = vocab_of_predictions(frame, metrics["tasks"])
     history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").exists() else None
-    return {"metrics": metrics, "test": metrics_from_predictions(frame, vocab), "vocab": vocab, "history": history}
+    return {"metrics": metrics, "test": metrics_from_predictions(frame, vocab), "vocab": vocab, "history": history,
+            "predictions": frame}

@@ -26,8 +26,12 @@ from medkd.backbones import tokenizer_identity
 from medkd.config import FromMapping, config_dataclass
 from medkd.data import PreparedData, make_loader
 from medkd.datasets import Vocab
+from medkd.distributed import (
+    all_reduce_sum, average_float_buffers, average_gradients, barrier, broadcast_module, broadcast_object, is_main,
+    local_device, rank, world_size,
+)
 from medkd.files import atomic_write, write_json
-from medkd.losses import CombinedLoss, LossConfig, LossContext
+from medkd.losses import TERMS, CombinedLoss, LossConfig, LossContext
 from medkd.metrics import metrics_from_predictions, predictions_frame
 from medkd.models import TASK_LOGITS, ModelConfig, MultimodalClassifier, build_model, count_parameters
 
@@ -53,6 +57,8 @@ class TrainConfig(FromMapping):
     channels_last: bool = True  # NHWC images and conv weights: faster CNN kernels on CPU (benchmarks/throughput.py)
     eval_by_length: bool = True  # evaluation batches of similar text length: less padding, same outputs
     fused_optimizer: bool = True  # one fused AdamW kernel instead of per-tensor updates
+    train_by_length: bool = False  # training batches drawn from shuffled pools of similar text length
+    compile: bool = False  # torch.compile (inductor) of the training model's forward
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # for smoke runs
 
 
@@ -60,6 +66,7 @@ class TrainConfig(FromMapping):
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    spec = local_device(spec)  # under torchrun: this rank's GPU
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
@@ -81,6 +88,17 @@ def autocast(device: torch.device, enabled: bool):
 
 def _memory_format(model: nn.Module, cfg: "TrainConfig") -> nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def _trainable(model: nn.Module, cfg: "TrainConfig") -> nn.Module:
+    """The model to train, in the configured memory format, compiled in place if asked.
+
+    `dynamic=True`: batches trim their padding, so text length varies from batch to batch.
+    """
+    model = _memory_format(model, cfg)
+    if cfg.compile:
+        model.compile(dynamic=True)
+    return model
 
 
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -209,28 +227,39 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
 
 def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
                                 cache_path: Path, device: torch.device | None = None,
-                                rebuild_stale: bool = True) -> dict:
+                                rebuild_stale: bool = True, all_ranks: bool = True) -> dict:
     """The cached teacher outputs if `cache_path` matches this teacher and preprocessing, else new ones.
 
     With `rebuild_stale=False` a missing or stale cache is an error (a pipeline stage must not
-    rewrite another stage's output).
+    rewrite another stage's output). Data-parallel, with `all_ranks` every rank calls this and
+    rank 0 builds the cache for all; `all_ranks=False`: only this process calls it.
     """
     payload = read_checkpoint(teacher_ckpt)
     tokenizer = ModelConfig.from_dict(payload["model_config"]).tokenizer()
     key = teacher_cache_key(payload, data, tokenizer, cfg.bf16)
     cache_path = Path(cache_path)
-    if cache_path.exists():
-        cache = torch.load(cache_path, map_location="cpu", weights_only=True)
-        if cache.get("key") == key:
-            return cache
+    cache = _matching_cache(cache_path, key)
+    if cache is not None:
+        return cache
     if not rebuild_stale:
         raise RuntimeError(
             f"teacher cache {cache_path} is missing or was made by another teacher or preprocessing; "
             "rebuild it with the teacher stage (dvc repro)"
         )
-    cache = build_teacher_cache(teacher_ckpt, data, cfg, device, payload=payload, tokenizer=tokenizer)
-    atomic_write(cache_path, lambda p: torch.save(cache, p))
-    return cache
+    if is_main() or not all_ranks:  # data-parallel: rank 0 builds it once, the other ranks read it
+        cache = build_teacher_cache(teacher_ckpt, data, cfg, device, payload=payload, tokenizer=tokenizer)
+        atomic_write(cache_path, lambda p: torch.save(cache, p))
+    if all_ranks:
+        barrier()
+    return cache if cache is not None else _matching_cache(cache_path, key)
+
+
+def _matching_cache(cache_path: Path, key: str) -> dict | None:
+    if cache_path.exists():
+        cache = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if cache.get("key") == key:
+            return cache
+    return None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -284,23 +313,32 @@ class Resume:
     path: Path
     key: str
 
+    @property
+    def file(self) -> Path:
+        """This process's state file: `path` for rank 0, `<stem>.rank<k><suffix>` beside it for rank k
+        (each rank keeps its own random states)."""
+        path = Path(self.path)
+        return path if rank() == 0 else path.with_name(f"{path.stem}.rank{rank()}{path.suffix}")
+
     def load(self) -> dict | None:
-        if not Path(self.path).exists():
+        if not self.file.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.file, map_location="cpu", weights_only=False)
         if state.get("key") != self.key:
-            tqdm.write(f"{self.path}: left by a run with other settings; starting afresh")
+            tqdm.write(f"{self.file}: left by a run with other settings; starting afresh")
             return None
         return state
 
     def save(self, state: Mapping) -> None:
-        atomic_write(self.path, lambda p: torch.save({"key": self.key, **state}, p))
+        atomic_write(self.file, lambda p: torch.save({"key": self.key, **state}, p))
 
     def clear(self) -> None:
-        Path(self.path).unlink(missing_ok=True)
+        self.file.unlink(missing_ok=True)
 
 
 def resume_key(*parts) -> str:
+    if world_size() > 1:  # a data-parallel run resumes only with as many processes
+        parts = (*parts, f"world_size={world_size()}")
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -342,6 +380,9 @@ def _fit(
     params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if cfg.fused_optimizer else {}))
+    world = world_size()
+    broadcast_module(model)  # data-parallel: every rank starts from rank 0's weights
+    broadcast_module(loss_fn)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -390,10 +431,18 @@ def _fit(
                 if step >= steps_per_epoch:
                     break
                 fetched = time.perf_counter()
+                n = len(batch["index"])
                 with autocast(device, cfg.bf16):
                     parts = compute_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
-                parts["total"].backward()
+                if world > 1:
+                    # Each rank's mean, weighted by its share of the global batch: after averaging over
+                    # the ranks the gradient is that of the global batch's mean, as in one process.
+                    global_n = int(all_reduce_sum(torch.tensor([n], device=device)))
+                    (parts["total"] * (n * world / global_n)).backward()
+                    average_gradients(params)
+                else:
+                    parts["total"].backward()
                 computed = time.perf_counter()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -403,7 +452,6 @@ def _fit(
                 clock["data"] += fetched - tick
                 clock["model"] += computed - fetched
                 clock["optimizer"] += stepped - computed
-                n = len(batch["index"])
                 seen += n
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
@@ -411,7 +459,11 @@ def _fit(
                 bar.set_postfix(loss=f"{sums['total'] / seen:.4f}",
                                 sps=f"{seen / (time.perf_counter() - start):.1f}", refresh=False)
                 tick = time.perf_counter()
-            dev = run.evaluate("dev")[0]
+            if world > 1:  # epoch means over the global batches; BatchNorm statistics of all ranks
+                totals = all_reduce_sum(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=device))
+                seen, sums = int(totals[0]), dict(zip(sums, totals[1:].tolist()))
+                average_float_buffers(model)
+            dev = broadcast_object(run.evaluate("dev")[0] if is_main() else None)  # rank 0 evaluates, once
             row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                    "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - start,
                    "train_samples": seen, **{f"seconds_{k}": round(v, 3) for k, v in clock.items()},
@@ -439,10 +491,18 @@ def _fit(
 
 def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mapping | None = None,
             evaluate_test: bool = True) -> RunResult:
-    """Restore the best weights, evaluate dev/test, write checkpoint, predictions and metrics."""
+    """Restore the best weights, evaluate dev/test, write checkpoint, predictions and metrics.
+
+    Data-parallel: rank 0 evaluates and writes; every rank returns its results.
+    """
     run.model.load_state_dict(best.state)
     out_dir = Path(run.out_dir)
     ckpt = Path(run.checkpoint_path) if run.checkpoint_path else out_dir / "model.pt"
+    n_params = count_parameters(run.model)
+    if not is_main():
+        results, seconds = broadcast_object(None)
+        barrier()
+        return RunResult(ckpt, best.epoch, results["dev"], results.get("test"), history, n_params, seconds)
     save_checkpoint(ckpt, run.model, run.model_cfg, run.data.vocab, run.data,
                     {"best_epoch": best.epoch, **(extra or {})})
     results = {"dev": best.dev}
@@ -451,11 +511,12 @@ def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mappin
         results[split] = metrics
         atomic_write(out_dir / f"predictions_{split}.csv", lambda p, f=frame: f.to_csv(p, index=False))
     seconds = time.perf_counter() - run.started
-    n_params = count_parameters(run.model)
     summary = {"parameters": n_params, "best_epoch": best.epoch, "seconds": round(seconds, 1),
                "tasks": list(run.data.vocab.tasks), **results}
     write_json(out_dir / "metrics.json", summary)
     atomic_write(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
+    broadcast_object((results, seconds))
+    barrier()
     return RunResult(ckpt, best.epoch, results["dev"], results.get("test"), history, n_params, seconds)
 
 
@@ -470,7 +531,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    model = _memory_format(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
+    model = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
     resume = Resume(Path(resume_path), resume_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
                                                    data.content_key("train"))) if resume_path else None
     run = RunContext(model, model_cfg, data, model_cfg.tokenizer(), "teacher", cfg, device, out_dir,
@@ -478,7 +539,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     loss_fn = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}),
                                        LossContext(model.fusion_dim, None, len(data.records["train"])))
     loader = make_loader(data.dataset("train", {"teacher": run.tokenizer}, augment=cfg.augment), cfg.batch_size,
-                         shuffle=True, seed=cfg.seed)
+                         shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
 
     def compute_loss(batch):
         out = model(*batch_inputs(batch, "teacher", device, cfg.channels_last))
@@ -517,10 +578,13 @@ def distill_student(
     use_cache = (not cfg.augment) if use_cache is None else use_cache
     if use_cache and cfg.augment:
         raise ValueError("a teacher cache cannot serve randomly augmented inputs; set use_cache=False")
+    needs_teacher = any(TERMS[name].uses_teacher for name in loss_cfg.active_terms)
 
     tokenizers = {"student": model_cfg.tokenizer()}
-    teacher = cache = None
-    if use_cache and teacher_cache is not None:
+    teacher = cache = teacher_dims = None
+    if not needs_teacher:  # e.g. the no-KD control (CE only): no teacher is read, run or cached
+        use_cache = False
+    elif use_cache and teacher_cache is not None:
         cache = teacher_cache
         teacher_dims = cache["dims"]
     elif use_cache:
@@ -535,8 +599,9 @@ def distill_student(
         teacher_dims = payload["dims"]
 
     seed_everything(cfg.seed)
-    student = _memory_format(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
-    teacher_id = cache["key"] if cache is not None else state_fingerprint(teacher.state_dict())
+    student = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
+    teacher_id = (cache["key"] if cache is not None else
+                  state_fingerprint(teacher.state_dict()) if teacher is not None else "no teacher")
     resume = Resume(Path(resume_path), resume_key("student", model_cfg.to_dict(), loss_cfg.to_dict(), cfg.to_dict(),
                                                    data.content_key("train"), teacher_id)) if resume_path else None
     run = RunContext(student, model_cfg, data, tokenizers["student"], "student", cfg, device, out_dir,
@@ -545,13 +610,15 @@ def distill_student(
         student.fusion_dim, teacher_dims, n_data=len(data.records["train"]),
         joint_labels=data.joint_train_labels(), seed=cfg.seed)).to(device)
     train_set = data.dataset("train", tokenizers, augment=cfg.augment)
-    loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
     cached = {k: v.to(device) for k, v in cache["outputs"].items()} if cache is not None else None
 
     def compute_loss(batch):
         index = batch["index"].to(device)
         if cached is not None:
             t_out = {k: v[index] for k, v in cached.items()}
+        elif teacher is None:
+            t_out = None
         else:
             with torch.no_grad():
                 t_out = teacher(*batch_inputs(batch, "teacher", device, cfg.channels_last))
@@ -559,5 +626,6 @@ def distill_student(
         return loss_fn(s_out, t_out, batch["labels"].to(device), index)
 
     best, history = _fit(run, compute_loss, loss_fn, loader, report_epoch)
-    return _finish(run, best, history, {"loss_config": loss_cfg.to_dict(), "teacher_cache_used": bool(use_cache)},
+    return _finish(run, best, history, {"loss_config": loss_cfg.to_dict(), "teacher_cache_used": bool(use_cache),
+                                        "teacher_used": needs_teacher},
                    evaluate_test=evaluate_test)

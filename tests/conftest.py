@@ -1,4 +1,11 @@
+import glob
 import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 # Tests never reach a model hub: any accidental download fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,9 +13,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+import yaml
 
 from medkd.backbones import build_tokenizer
 from medkd.models import ModelConfig, build_model
+from medkd.stages.teacher import teacher_stage
+from medkd.synthetic import make_synthetic_medpix
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +48,80 @@ def tiny_model(fusion_dim=16, fusion_layers=1, heads=2, num_classes=(2, 5), drop
     cfg = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=fusion_dim, fusion_layers=fusion_layers,
                       fusion_heads=heads, dropout=dropout)
     return build_model(cfg, num_classes)
+
+
+# --------------------------------------------------------------------------- a throwaway PostgreSQL server
+
+
+def _postgres_binaries() -> dict[str, str] | None:
+    """initdb/pg_ctl/createdb from PATH, else from Debian's /usr/lib/postgresql/<version>/bin."""
+    folders = [None, *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for folder in folders:
+        found = {name: shutil.which(name, path=folder) for name in ("initdb", "pg_ctl", "createdb")}
+        if all(found.values()):
+            return found
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of its own in a temporary folder, on a free local port; removed afterwards.
+
+    PostgreSQL refuses to run as root: as root the server runs as the unprivileged `postgres`
+    user (Debian's package creates it), else as the current user.
+    """
+    binaries = _postgres_binaries()
+    if binaries is None and os.environ.get("MEDKD_REQUIRE_POSTGRES") == "1":  # CI: the image has them
+        pytest.fail("MEDKD_REQUIRE_POSTGRES=1 but no PostgreSQL binaries (initdb, pg_ctl, createdb) were found")
+    if binaries is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl, createdb) on PATH or in /usr/lib/postgresql/*/bin: "
+                    "the shared-study test needs a real server")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="medkd-postgres-"))
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = folder / "data"
+
+    def run(*command):
+        subprocess.run([*as_user, *command], check=True, capture_output=True, text=True)
+
+    try:
+        run(binaries["initdb"], "-D", str(data), "-U", "medkd", "--auth=trust", "-E", "UTF8", "--no-sync")
+        run(binaries["pg_ctl"], "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        run(binaries["createdb"], "-h", "127.0.0.1", "-p", str(port), "-U", "medkd", "optuna")
+        yield f"postgresql+psycopg://medkd@127.0.0.1:{port}/optuna"
+    except subprocess.CalledProcessError as err:
+        log = folder / "server.log"
+        raise RuntimeError(f"{' '.join(err.cmd)} failed:\n{err.stderr}\n"
+                           f"{log.read_text() if log.exists() else ''}") from None
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_user, binaries["pg_ctl"], "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- a tiny project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The CI configuration, MedPix only, with its teacher stage run: (root, params)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+    del params["data"]["wound"], params["teachers"]["wound"], params["students"]["tiny-c"], params["students"]["tiny-d"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(32, 12, 12), image_size=32)
+    teacher_stage(params, "medpix", root)
+    return root, params

@@ -213,3 +213,34 @@ def test_wound_rows_with_too_many_or_too_few_fields_are_refused(wound):
     message = str(err.value)
     assert "row 3 (" in message and "5 fields, expected 4 (an unquoted comma in the text?)" in message
     assert "row 5 (" in message and "3 fields, expected 4" in message
+
+
+def test_length_bucketed_training_batches_cover_each_sample_once_and_pad_less():
+    from medkd.data import LengthBucketBatchSampler
+    generator = torch.Generator().manual_seed(5)
+    lengths = torch.randint(3, 48, (203,))
+    sampler = LengthBucketBatchSampler(lengths, batch_size=8, generator=generator, pool_batches=4)
+    epochs = [list(sampler) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == len(sampler) == 26  # ceil(203 / 8), as with plain shuffling
+        assert sorted(i for b in batches for i in b) == list(range(203))
+        assert sum(len(b) < 8 for b in batches) == 1  # only the last pool's tail is short
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    # Tokens a batch pads to, summed: bucketed pools against the same samples in plain random batches.
+    padded = lambda batches: sum(len(b) * int(lengths[b].max()) for b in batches)  # noqa: E731
+    plain = torch.randperm(203, generator=torch.Generator().manual_seed(5)).split(8)
+    assert padded(epochs[0]) < 0.85 * padded([b.tolist() for b in plain])
+    again = LengthBucketBatchSampler(lengths, 8, torch.Generator().manual_seed(5), pool_batches=4)
+    assert list(again) == epochs[0]  # the generator is the only source of randomness
+
+
+def test_length_bucketed_loader_draws_from_the_loader_generator(medpix):
+    """A resumed run restores `loader.generator`; the bucketed order must follow it."""
+    data = PreparedData.load(DataConfig("medpix", str(medpix), image_size=16, max_length=16))
+    dataset = data.dataset("train", {"student": build_tokenizer("tiny-bert")})
+    loader = make_loader(dataset, 4, shuffle=True, seed=3, by_length=True)
+    state = loader.generator.get_state()
+    first = [b["index"].tolist() for b in loader]
+    loader.generator.set_state(state)
+    assert [b["index"].tolist() for b in loader] == first
+    assert sorted(i for b in first for i in b) == list(range(len(dataset)))

@@ -62,14 +62,15 @@ def all_modules() -> list[str]:
 
 
 def stage_entry_modules(body: dict, variables: dict) -> tuple[str, set[str]]:
-    """What a stage's command runs: its notebook's medkd imports, plus `medkd` itself for `python -m medkd`."""
+    """What a stage's command runs: its notebook's medkd imports, plus the module of `python -m medkd[.cli]`."""
     roots, names = set(), []
     cmd = body["cmd"]
     for name, value in variables.items():
         cmd = cmd.replace("${" + name + "}", str(value))
-    if " -m medkd " in f" {cmd} ":
-        roots.add("medkd.__main__")
-        names.append("python -m medkd")
+    for module in ("medkd", "medkd.cli"):
+        if f" -m {module} " in f" {cmd} ":
+            roots.add(f"{module}.__main__" if module == "medkd" else module)
+            names.append(f"python -m {module}")
     notebook = next((str(d) for d in body["deps"] if str(d).startswith("notebooks/")), None)
     if notebook:
         roots |= notebook_imports(REPO / notebook)
@@ -103,7 +104,7 @@ def test_the_deps_check_notices_a_missing_module():
     deps = dvc["stages"]["teacher"]["do"]["deps"]
     deps.remove("medkd/losses.py")
     assert stage_deps_problems(dvc) == [
-        "stage 'teacher' (python -m medkd + notebooks/02_teacher.ipynb) does not depend on ['medkd/losses.py']"]
+        "stage 'teacher' (python -m medkd.cli + notebooks/02_teacher.ipynb) does not depend on ['medkd/losses.py']"]
 
 
 def test_every_stage_waits_for_the_params_check():

@@ -1,5 +1,7 @@
 """report.py draws from what it is given: tables on hand-made runs, figures written whole."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,3 +123,29 @@ def test_data_report_markdown_explains_label_word_columns(medpix):
     text = report.data_report_markdown(summary, report.class_balance(medpix), report.text_statistics(medpix))
     assert "`names_modality_pct`: share of texts that name the modality label" in text
     assert "![class balance](class_balance.png)" in text
+
+
+def test_interval_table_pairs_the_claims_and_says_what_is_not_detectable():
+    ids = [f"i{k}" for k in range(12)]
+    truth = {"type": ["A", "B"] * 6, "severity": ["x", "y", "z"] * 4}
+
+    def predictions(wrong_type):
+        return pd.DataFrame({"image_id": ids, "type_true": truth["type"], "severity_true": truth["severity"],
+                             "severity_pred": truth["severity"],
+                             "type_pred": [{"A": "B", "B": "A"}[t] if wrong_type else t for t in truth["type"]]})
+
+    rows = [_run("wound", "Teacher", "teacher", (1.0, 1.0)), _run("wound", "s1", "tuned", (1.0, 1.0)),
+            _run("wound", "s1", "baseline", (0.0, 1.0))]
+    for row, wrong in zip(rows, (False, False, True)):
+        row["predictions"] = predictions(wrong)
+    table = report.interval_table(pd.DataFrame(rows), "wound", n_resamples=300).set_index("name")
+    assert list(table.index) == ["teacher", "s1 tuned", "s1 baseline", "s1 tuned − teacher",
+                                 "s1 tuned − s1 baseline", "s1 baseline − teacher"]
+    assert table.loc["s1 tuned − teacher", ["estimate", "low", "high"]].tolist() == [0.0, 0.0, 0.0]
+    assert table.loc["s1 tuned − teacher", "reading"] == "no detectable difference"
+    # baseline gets every type wrong (type F1 0, severity F1 1): 0.5 below tuned on every resample.
+    assert table.loc["s1 tuned − s1 baseline", ["estimate", "low", "high"]].tolist() == [0.5, 0.5, 0.5]
+    assert table.loc["s1 tuned − s1 baseline", "reading"] == "detectable"
+    markdown = report.interval_markdown(table.reset_index())
+    assert re.search(r"\| s1 tuned − teacher +\| \+0\.000 +\| \[\+0\.000, \+0\.000\] +\| no detectable difference +\|",
+                     markdown), markdown

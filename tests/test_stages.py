@@ -1,6 +1,10 @@
 """Stage functions in-process on a tiny project: resume state and the Optuna study outlive a killed stage."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -13,24 +17,11 @@ from medkd.datasets import DataError
 from medkd.stages.distill import distill_stage
 from medkd.stages.prepare import prepare_stage
 from medkd.stages.schema import ParamsError
-from medkd.stages.teacher import teacher_stage
 from medkd.stages.tune import optuna_stage
 from medkd.synthetic import make_synthetic_medpix
 from medkd.train import TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    params = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
-    del params["data"]["wound"], params["teachers"]["wound"], params["students"]["tiny-c"], params["students"]["tiny-d"]
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(32, 12, 12), image_size=32)
-    teacher_stage(params, "medpix", root)
-    return root, params
 
 
 def test_open_stage_refuses_bad_params_with_their_key_paths(project, tmp_path):
@@ -121,3 +112,49 @@ def test_prepare_writes_its_report_whole_or_not_at_all(project, tmp_path):
         prepare_stage(params, "medpix", tmp_path)
     assert {p.name: p.read_bytes() for p in prepared["out"].iterdir()} == before
     assert [p.name for p in prepared["out"].parent.iterdir()] == ["medpix"]  # no half-written folder beside it
+
+
+def test_distill_stages_run_side_by_side(project):
+    """Two students' distill stages at once (two processes, as two queue workers or devices would):
+    no file is written by both and each result is byte-identical to its run alone."""
+    root, params = project
+    paths = Paths(root)
+    students = ["tiny-a", "tiny-b"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def start(student):
+        return subprocess.Popen([sys.executable, "-m", "medkd", "train", "student", student, "--root", str(root)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(runs):
+        outputs = [run.communicate(timeout=600)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0] * len(runs), outputs
+
+    alone = {}
+    for student in students:
+        finish([start(student)])
+        alone[student] = _stage_outputs(paths, student)
+    finish([start(student) for student in students])
+    together = {student: _stage_outputs(paths, student) for student in students}
+    assert not set(together["tiny-a"]) & set(together["tiny-b"])
+    assert together == alone and all(alone.values())
+
+
+def _stage_outputs(paths: Paths, student: str) -> dict[str, bytes]:
+    """The results a distill stage writes (predictions, metrics), without timings."""
+    files = [*paths.student_report(student).rglob("*"), paths.metrics(f"distill-{student}")]
+    return {str(f.relative_to(paths.root)): _without_timings(f) for f in files
+            if f.is_file() and f.suffix in (".csv", ".json") and f.name != "history.csv"}
+
+
+def _without_timings(path: Path) -> bytes:
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return json.dumps(_drop_seconds(data), sort_keys=True).encode()
+    return path.read_bytes()
+
+
+def _drop_seconds(node):
+    if isinstance(node, dict):
+        return {k: _drop_seconds(v) for k, v in node.items() if "seconds" not in k}
+    return node

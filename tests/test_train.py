@@ -217,8 +217,9 @@ def _interrupt_after(stop_epoch):
     return report
 
 
-def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, data, tmp_path):
-    cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 3})
+@pytest.mark.parametrize("train_by_length", [False, True])
+def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, data, tmp_path, train_by_length):
+    cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 3, "train_by_length": train_by_length})
     args = (data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), cfg)
     cache = tmp_path / "cache.pt"
     full = distill_student(*args, tmp_path / "full", cache_path=cache)
@@ -310,3 +311,33 @@ def test_speed_switches_keep_outputs_within_tolerance(teacher_run, data):
     assert (a.filter(like="_pred") == b.filter(like="_pred")).all().all()
     probs = a.filter(like="_prob_").columns
     assert abs(a[probs].to_numpy() - b[probs].to_numpy()).max() < 1e-5
+
+
+def test_compiled_training_model_keeps_its_checkpoint_keys():
+    """`compile: true` compiles in place: checkpoints keep the plain parameter names."""
+    from medkd.models import build_model
+    from medkd.train import _trainable
+    plain = build_model(STUDENT, (2, 5), pretrained=False)
+    compiled = _trainable(build_model(STUDENT, (2, 5), pretrained=False),
+                          TrainConfig(**{**FAST.to_dict(), "compile": True}))
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert compiled._compiled_call_impl is not None
+
+
+def test_no_kd_control_reads_runs_and_caches_no_teacher(data, tmp_path, monkeypatch):
+    """CE only (the no-KD control): the teacher checkpoint may not even exist; nothing teacher-side runs."""
+    import medkd.train as train_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the no-KD control touched the teacher")
+
+    for name in ("load_checkpoint", "read_checkpoint", "load_or_build_teacher_cache", "build_teacher_cache"):
+        monkeypatch.setattr(train_module, name, forbidden)
+    cache = tmp_path / "cache.pt"
+    run = distill_student(data, tmp_path / "no-such-teacher.pt", STUDENT, LossConfig(weights={"ce": 1.0}), FAST,
+                          tmp_path / "no-kd", cache_path=cache)
+    assert not cache.exists()
+    assert set(run.history[0]) >= {"train_ce", "train_total"} and "train_kl" not in run.history[0]
+    assert run.history[0]["train_ce"] == pytest.approx(run.history[0]["train_total"])
+    payload = torch.load(run.checkpoint, weights_only=False)
+    assert payload["teacher_used"] is False and payload["teacher_cache_used"] is False

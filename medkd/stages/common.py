@@ -61,6 +61,12 @@ class Paths:
         """Per-epoch state of an unfinished training run (`run`: e.g. teacher-medpix)."""
         return self.state() / "resume" / f"{run}.pt"
 
+    def clear_resume(self, run: str) -> None:
+        """Remove a finished run's state, with the other ranks' files of a data-parallel run."""
+        path = self.resume(run)
+        for file in [path, *path.parent.glob(f"{path.stem}.rank*{path.suffix}")]:
+            file.unlink(missing_ok=True)
+
     def optuna_storage(self) -> Path:
         return self.state() / "optuna" / "studies.db"
 

@@ -8,6 +8,7 @@ from typing import Mapping
 
 import pandas as pd
 
+from medkd.distributed import barrier, is_main
 from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
@@ -21,7 +22,10 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
     paths = Paths(root)
     dataset = params["students"][student]["dataset"]
     data = load_data(params, dataset, root)
-    report_dir = reset_dir(paths.student_report(student))
+    report_dir = paths.student_report(student)
+    if is_main():  # data-parallel (torchrun): rank 0 alone writes
+        reset_dir(report_dir)
+    barrier()
     results, histories, summary = {}, {}, {}
     for variant in VARIANTS:
         model_cfg, loss_cfg, cfg = student_configs(params, student, variant)
@@ -32,15 +36,19 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
             rebuild_stale_cache=False, resume_path=paths.resume(f"distill-{student}-{variant}"),
         )
         results[variant] = result
+        if not is_main():
+            continue
         summary[variant] = headline_metrics(json.loads((report_dir / variant / "metrics.json").read_text()))
         histories[variant] = pd.DataFrame(result.history).set_index("epoch")
+    if not is_main():
+        return {"results": results}
     tuned, base = summary["tuned"]["test_avg_f1"], summary["baseline"]["test_avg_f1"]
     summary["improvement_vs_baseline_pct"] = round(100 * (tuned - base) / base, 2) if base else None
     write_json(paths.metrics(f"distill-{student}"), summary)
     for variant, history in histories.items():
         atomic_write(paths.plot(f"distill-{student}-{variant}"), lambda p, h=history: h.reset_index().to_csv(p, index=False))
     for variant in VARIANTS:  # the stage is done: nothing left to resume
-        paths.resume(f"distill-{student}-{variant}").unlink(missing_ok=True)
+        paths.clear_resume(f"distill-{student}-{variant}")
     curves = pd.concat({v: h[["dev_avg_f1", "train_total"]] for v, h in histories.items()}, axis=1)
     curves.columns = [f"{v}_{c}" for v, c in curves.columns]
     return {"results": results, "summary": summary, "curves": curves}

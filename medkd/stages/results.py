@@ -50,7 +50,7 @@ def _row(dataset: str, name: str, variant: str, run: Mapping, spec: Mapping) -> 
         "seconds": run["metrics"]["seconds"], "n_test": test["n"],
         "confusion1": test[tasks[0]]["confusion"], "confusion2": test[tasks[1]]["confusion"],
         "classes1": run["vocab"].classes[0], "classes2": run["vocab"].classes[1],
-        "history": run["history"],
+        "history": run["history"], "predictions": run["predictions"],
     }
 
 
@@ -65,9 +65,12 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     optuna_metrics = json.loads(optuna_file.read_text()) if optuna_file.exists() else None
     hyper = report.hyperparameter_table(params, best)
     tables = {}
+    intervals = {}
     for dataset in runs.dataset.unique():
         tables[dataset] = report.study_table(runs, dataset)
         atomic_write(out / f"table_{dataset}.csv", lambda p, t=tables[dataset]: t.to_csv(p, index=False))
+        intervals[dataset] = report.interval_table(runs, dataset, seed=params.get("seed", 42))
+        atomic_write(out / f"intervals_{dataset}.csv", lambda p, t=intervals[dataset]: t.to_csv(p, index=False))
     all_runs = report.all_runs_table(runs)
     atomic_write(out / "all_runs.csv", lambda p: all_runs.to_csv(p, index=False))
     atomic_write(out / "hyperparameters.csv", lambda p: hyper.to_csv(p, index=False))
@@ -75,5 +78,5 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     report.plot_params_vs_f1(runs, out / "params_vs_f1.png")
     report.plot_confusions(runs, out / "confusion_matrices.png")
     report.plot_training_curves(runs, out / "training_curves.png")
-    write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics))
-    return {"runs": runs, "tables": tables, "hyper": hyper, "out": out}
+    write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics, intervals))
+    return {"runs": runs, "tables": tables, "intervals": intervals, "hyper": hyper, "out": out}

@@ -128,6 +128,7 @@ class OptunaSection(_Section):
     pruner_startup_trials: Annotated[int, Field(ge=0)] = 2
     pruner_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     retrain_best: bool = True
+    workers: Annotated[int, Field(ge=1)] = 1  # worker processes the stage runs on this machine
     train: Sub = {}  # per-trial train keys
     search_space: Annotated[dict[str, Any], Field(min_length=1)]
 

@@ -8,6 +8,7 @@ from typing import Mapping
 
 import pandas as pd
 
+from medkd.distributed import barrier, is_main
 from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
@@ -21,12 +22,16 @@ def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
     paths = Paths(root)
     data = load_data(params, dataset, root)
     model_cfg, cfg = teacher_configs(params, dataset)
-    report_dir = reset_dir(paths.teacher_report(dataset))
-    resume = paths.resume(f"teacher-{dataset}")
+    report_dir = paths.teacher_report(dataset)
+    if is_main():  # data-parallel (torchrun): rank 0 alone writes
+        reset_dir(report_dir)
+    barrier()
     result = train_teacher(data, model_cfg, cfg, report_dir, checkpoint_path=paths.teacher_checkpoint(dataset),
-                           resume_path=resume)
-    load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset))
-    resume.unlink(missing_ok=True)  # the stage is done: nothing left to resume
+                           resume_path=paths.resume(f"teacher-{dataset}"))
+    if not is_main():
+        return {"result": result}
+    load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset), all_ranks=False)
+    paths.clear_resume(f"teacher-{dataset}")  # the stage is done: nothing left to resume
     metrics = json.loads((report_dir / "metrics.json").read_text())
     write_json(paths.metrics(f"teacher-{dataset}"), headline_metrics(metrics))
     history = pd.DataFrame(result.history)
