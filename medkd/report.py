@@ -141,15 +141,21 @@ def _plot_optuna(study, out: Path) -> None:
 # --------------------------------------------------------------------------- results
 
 
+NO_KD = "no-kd"  # the variant name of the control trained without the teacher (params.yaml `distill.no-kd`)
+
+
 def study_table(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """The study's format: Model | Parameters | Task-1 F1 | Task-2 F1 | Avg F1 | Improvement.
 
     Teacher first; each student with the tuned hyperparameters, its improvement relative to the
-    same student trained with the baseline hyperparameters; then the Optuna-best retrain.
+    same student trained with the baseline hyperparameters; then the Optuna-best retrain. With a
+    `no-kd` variant in the runs, a column "vs no-KD": avg F1 minus that of the same student
+    trained without the teacher.
     """
     sub = runs[runs.dataset == dataset]
     t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
     baseline = sub[sub.variant == "baseline"].set_index("model")["avg_f1"]
+    no_kd = sub[sub.variant == NO_KD].set_index("model")["avg_f1"]
     rows = []
     for _, r in sub[sub.variant.isin(["teacher", "tuned", "optuna-best"])].iterrows():
         if r.variant == "teacher":
@@ -159,10 +165,14 @@ def study_table(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             label = f"Student ({r.backbones}){suffix}"
             base = baseline.get(r.model)
             improvement = f"{100 * (r.avg_f1 - base) / base:+.1f}% vs baseline" if base else "n/a"
-        rows.append({"Model": label, "Parameters": f"{r.parameters / 1e6:.2f}M",
-                     f"Test {t1.capitalize()} F1": f"{r.task1_f1:.3f}",
-                     f"Test {t2.capitalize()} F1": f"{r.task2_f1:.3f}",
-                     "Avg F1": f"**{r.avg_f1:.3f}**", "Improvement": improvement})
+        row = {"Model": label, "Parameters": f"{r.parameters / 1e6:.2f}M",
+               f"Test {t1.capitalize()} F1": f"{r.task1_f1:.3f}",
+               f"Test {t2.capitalize()} F1": f"{r.task2_f1:.3f}",
+               "Avg F1": f"**{r.avg_f1:.3f}**", "Improvement": improvement}
+        if len(no_kd):  # the distillation's own effect: the same student trained without the teacher
+            control = no_kd.get(r.model) if r.variant != "teacher" else None
+            row["vs no-KD"] = f"{r.avg_f1 - control:+.3f}" if control is not None else ""
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -172,7 +182,7 @@ def run_label(model: str, variant: str) -> str:
 
 def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
     """Test avg macro-F1 of every run of `dataset` and the differences the study's claims rest on
-    (each student − teacher, tuned − baseline, Optuna best − tuned), with paired bootstrap 95%
+    (each student − teacher, tuned − baseline, Optuna best − tuned, KD − no-KD), with paired bootstrap 95%
     intervals over the test images (`medkd.stats`)."""
     sub = runs[runs.dataset == dataset]
     t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
@@ -186,6 +196,8 @@ def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples:
             differences.append((label, run_label(r.model, "baseline")))
         if r.variant == "optuna-best" and run_label(r.model, "tuned") in frames:
             differences.append((label, run_label(r.model, "tuned")))
+        if r.variant in ("tuned", "optuna-best") and run_label(r.model, NO_KD) in frames:
+            differences.append((label, run_label(r.model, NO_KD)))
     table = paired_intervals(frames, [t1, t2], differences, n_resamples=n_resamples, seed=seed)
     table["reading"] = [("" if kind == "model" else "detectable" if detectable else "no detectable difference")
                         for kind, detectable in zip(table["kind"], table.get("detectable", [None] * len(table)))]

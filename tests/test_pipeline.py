@@ -17,7 +17,7 @@ import yaml
 
 from medkd.metrics import load_run
 from medkd.models import ModelConfig, build_model
-from medkd.stages.schema import student_configs
+from medkd.stages.schema import student_configs, variants
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,10 @@ def test_table_f1_recomputes_from_prediction_files(pipeline):
 
 def test_metrics_and_plots_commands_work(pipeline):
     root, _ = pipeline
-    assert "tuned.test_avg_f1" in _run(["dvc", "metrics", "show"], root)
+    shown = _run(["dvc", "metrics", "show"], root)
+    assert "tuned.test_avg_f1" in shown and "no-kd.test_avg_f1" in shown  # every variant of distill:
+    assert sorted(p.name for p in (root / "reports" / "plots" / "distill-tiny-a").iterdir()) == [
+        "baseline.csv", "no-kd.csv", "tuned.csv"]
     _run(["dvc", "plots", "show", "-o", "plots-out"], root)
     assert (root / "plots-out" / "index.html").exists()
 
@@ -185,6 +188,6 @@ def test_paper_preset_parses_builds_its_dag_and_models(tmp_path):
         for dataset, teacher in params["teachers"].items():
             assert build_model(ModelConfig.from_dict(teacher["model"]), (2, 5), pretrained=False)
         for student in params["students"]:
-            for variant in ("tuned", "baseline"):
+            for variant in variants(params):
                 model_cfg, _, _ = student_configs(params, student, variant)
                 assert build_model(model_cfg, (10, 3), pretrained=False).fusion_dim in (256, 384)

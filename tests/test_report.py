@@ -149,3 +149,11 @@ def test_interval_table_pairs_the_claims_and_says_what_is_not_detectable():
     markdown = report.interval_markdown(table.reset_index())
     assert re.search(r"\| s1 tuned − teacher +\| \+0\.000 +\| \[\+0\.000, \+0\.000\] +\| no detectable difference +\|",
                      markdown), markdown
+
+
+def test_study_table_shows_the_distillation_effect_against_the_no_kd_control(runs):
+    with_control = pd.concat([runs, pd.DataFrame([_run("wound", "s1", "no-kd", (0.6, 0.6))])], ignore_index=True)
+    table = report.study_table(with_control, "wound")
+    # tuned avg 0.70 and Optuna best 0.80 against the no-KD student's 0.60; the teacher has none.
+    assert table["vs no-KD"].tolist() == ["", "+0.100", "+0.200"]
+    assert "vs no-KD" not in report.study_table(runs, "wound").columns

@@ -47,6 +47,16 @@ ONE_PROBLEM = {
     "a bad baseline fusion, found before anything trains": (
         lambda p: p["distill"]["baseline"]["model"].update(fusion_dim=10),
         {"distill.baseline.model": "fusion_dim=10 is not divisible by fusion_heads=4"}),
+    "a typo inside a further variant": (
+        lambda p: p["distill"]["no-kd"].update(los=p["distill"]["no-kd"].pop("loss")),
+        {"distill.no-kd.los": "unknown key (did you mean 'loss'?); expected one of: base, model, loss, train"}),
+    "a variant based on one that does not exist": (
+        lambda p: p["distill"]["no-kd"].update(base="tunde"),
+        {"distill.no-kd.base": "no variant 'tunde' (did you mean 'tuned'?); variants: tuned, baseline, no-kd"}),
+    "a typo of a shared distill key is not taken for a variant": (
+        lambda p: p["distill"].update(pretrianed=p["distill"].pop("pretrained")),
+        {"distill.pretrianed": "unknown key (did you mean 'pretrained'?); expected one of: pretrained, train, "
+                               "or a variant (a mapping of base/model/loss/train)"}),
 }
 
 
@@ -138,3 +148,16 @@ def test_check_params_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "medkd", "check-params", "--params", str(tmp_path / "params.yaml"),
                            "--stamp", str(tmp_path / "ok")], capture_output=True, text=True)
     assert done.returncode == 0 and (tmp_path / "ok").exists()
+
+
+def test_variants_are_the_entries_of_distill_and_start_from_their_base():
+    from medkd.stages.schema import variants
+    assert variants(CI) == ["tuned", "baseline", "no-kd"]
+    tuned_model, _, tuned_train = student_configs(CI, "tiny-a", "tuned")
+    model, loss, train = student_configs(CI, "tiny-a", "no-kd")
+    assert model == tuned_model and train == tuned_train  # same model and schedule as tuned
+    assert loss.weights == {"ce": 1.0} and loss.active_terms == ["ce"]  # no teacher term
+    params = copy.deepcopy(CI)
+    params["distill"]["kl-only"] = {"base": "tuned", "loss": {"weights": {"ce": 1.0, "kl": 1.0}}}
+    assert variants(params) == ["tuned", "baseline", "no-kd", "kl-only"] and check_params(params) == []
+    assert student_configs(params, "tiny-a", "kl-only")[1].weights == {"ce": 1.0, "kl": 1.0}

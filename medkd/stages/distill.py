@@ -13,7 +13,7 @@ from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data
-from medkd.stages.schema import VARIANTS, student_configs
+from medkd.stages.schema import student_configs, variants
 from medkd.train import distill_student
 
 
@@ -27,7 +27,7 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
         reset_dir(report_dir)
     barrier()
     results, histories, summary = {}, {}, {}
-    for variant in VARIANTS:
+    for variant in variants(params):
         model_cfg, loss_cfg, cfg = student_configs(params, student, variant)
         print(f"--- variant {variant!r}: {student}")
         result = distill_student(
@@ -46,8 +46,8 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
     summary["improvement_vs_baseline_pct"] = round(100 * (tuned - base) / base, 2) if base else None
     write_json(paths.metrics(f"distill-{student}"), summary)
     for variant, history in histories.items():
-        atomic_write(paths.plot(f"distill-{student}-{variant}"), lambda p, h=history: h.reset_index().to_csv(p, index=False))
-    for variant in VARIANTS:  # the stage is done: nothing left to resume
+        atomic_write(paths.plot(f"distill-{student}/{variant}"), lambda p, h=history: h.reset_index().to_csv(p, index=False))
+    for variant in variants(params):  # the stage is done: nothing left to resume
         paths.clear_resume(f"distill-{student}-{variant}")
     curves = pd.concat({v: h[["dev_avg_f1", "train_total"]] for v, h in histories.items()}, axis=1)
     curves.columns = [f"{v}_{c}" for v, c in curves.columns]

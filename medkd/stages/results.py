@@ -14,7 +14,7 @@ from medkd.files import atomic_write, reset_dir, write_text
 from medkd.metrics import load_run
 from medkd.params import project_root
 from medkd.stages.common import Paths
-from medkd.stages.schema import VARIANTS
+from medkd.stages.schema import variants
 
 
 def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
@@ -24,7 +24,7 @@ def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
         run = load_run(paths.teacher_report(dataset))
         rows.append(_row(dataset, "Teacher", "teacher", run, params["teachers"][dataset]["model"]))
     for student, spec in params.get("students", {}).items():
-        for variant in VARIANTS:
+        for variant in variants(params):
             run_dir = paths.student_report(student) / variant
             if run_dir.exists():
                 rows.append(_row(spec["dataset"], student, variant, load_run(run_dir), spec))

@@ -32,7 +32,7 @@ from medkd.params import with_values
 from medkd.train import TrainConfig
 
 # The hyperparameter sets each student is trained with (sections of `distill:` in params.yaml).
-VARIANTS = ("tuned", "baseline")
+REQUIRED_VARIANTS = ("tuned", "baseline")  # the study's two; any further `distill.<name>` entry is a variant too
 SECTION_CONFIGS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 
 
@@ -76,16 +76,52 @@ class StudentSection(_Section):
 
 
 class VariantSection(_Section):
+    base: str | None = None  # another variant whose model/loss/train keys this one starts from
     model: Sub = {}
     loss: Sub = {}
     train: Sub = {}
 
 
-class DistillSection(_Section):
+class DistillSection(BaseModel):
+    """`distill:`: shared keys, the study's `tuned` and `baseline` variants, and any number of
+    further variants (`no-kd: {base: tuned, loss: {weights: {ce: 1.0}}}`), each a VariantSection."""
+
+    model_config = ConfigDict(extra="allow")
     pretrained: bool = True
     train: Sub = {}
     tuned: VariantSection
     baseline: VariantSection
+
+
+def variants(params: Mapping) -> list[str]:
+    """Every variant each student is trained with: `tuned`, `baseline`, then the further entries of
+    `distill:` in their order."""
+    distill = params.get("distill") or {}
+    shared = set(DistillSection.model_fields) - set(REQUIRED_VARIANTS)
+    return [*REQUIRED_VARIANTS, *(k for k in distill if k not in shared and k not in REQUIRED_VARIANTS)]
+
+
+def _variant_problems(distill: Mapping) -> list[Problem]:
+    """The further variants' own keys (the skeleton lets them through) and their `base:` references."""
+    problems = []
+    names = variants({"distill": distill})
+    shared = sorted(set(DistillSection.model_fields) - set(REQUIRED_VARIANTS))
+    for name in names[len(REQUIRED_VARIANTS):]:
+        if not isinstance(distill[name], Mapping):
+            problems.append(Problem(f"distill.{name}", f"unknown key{did_you_mean(name, shared)}; expected one of: "
+                                    f"{', '.join(shared)}, or a variant (a mapping of base/model/loss/train)"))
+            continue
+        try:
+            section = VariantSection.model_validate(distill[name])
+        except ValidationError as err:
+            problems += _skeleton_problems(err, VariantSection, f"distill.{name}")
+            continue
+        if section.base is not None and section.base not in names:
+            problems.append(Problem(f"distill.{name}.base", f"no variant {section.base!r}{did_you_mean(section.base, names)}"
+                                    f"; variants: {', '.join(names)}"))
+        elif section.base == name:
+            problems.append(Problem(f"distill.{name}.base", "a variant cannot be its own base"))
+    return problems
 
 
 class SearchLeaf(_Section):
@@ -265,13 +301,19 @@ def student_configs(params: Mapping, student: str, variant: str, overrides: Mapp
     bad = [path for path in overrides or {} if path.split(".")[0] not in SECTION_CONFIGS]
     if bad:
         raise ParamsError([Problem(f"{source}.{path}", f"must start with one of {list(SECTION_CONFIGS)}") for path in bad])
+    if variant not in variants(params):
+        raise ParamsError([Problem(f"distill.{variant}", "no such variant under `distill:`")])
     base = distill[variant]
-    merged = with_values(base, overrides or {})
+    parent = base.get("base")
+    chain = ([(parent, distill.get(parent) or {})] if parent and parent != variant else []) + [(variant, base)]
+    effective = {name: {k: v for _, section in chain for k, v in (section.get(name) or {}).items()}
+                 for name in SECTION_CONFIGS}
+    merged = with_values(effective, overrides or {})
     touched = {name: {p.split(".")[1] for p in overrides or {} if p.split(".")[0] == name} for name in SECTION_CONFIGS}
 
     def layers(name: str) -> list:
-        own = base.get(name) or {}
-        return [(f"distill.{variant}.{name}", own), (f"{source}.{name}", {k: merged[name][k] for k in touched[name]})]
+        own = [(f"distill.{v}.{name}", section.get(name) or {}) for v, section in chain]
+        return [*own, (f"{source}.{name}", {k: merged[name][k] for k in touched[name]})]
 
     student_keys = {k: spec[k] for k in ("vision", "text", "vision_weights", "text_weights") if k in spec}
     problems, built = [], {}
@@ -351,13 +393,15 @@ def check_params(params: Any) -> list[Problem]:
         collect(teacher_configs, params, dataset)
     if students and distill is None:
         problems.append(Problem("distill", "required key is missing (students are listed)"))
+    if isinstance(distill, Mapping):
+        problems += _variant_problems(distill)
     for student, spec in students.items():
         dataset = mapping(spec).get("dataset")
         if isinstance(dataset, str) and dataset not in teachers:
             problems.append(Problem(f"students.{student}.dataset", f"{dataset!r} has no teacher under "
                                     f"`teachers:`{did_you_mean(dataset, teachers)}; teachers: {', '.join(teachers)}"))
         if isinstance(distill, Mapping):
-            for variant in VARIANTS:
+            for variant in variants(params):
                 collect(student_configs, params, student, variant)
     if isinstance(params.get("optuna"), Mapping) and isinstance(distill, Mapping):
         problems += _optuna_problems(params, params["optuna"], students, teachers)
