@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from medkd.config import FromMapping, config_dataclass, did_you_mean
@@ -35,6 +37,7 @@ class LossConfig(FromMapping):
     """
 
     weights: dict[str, Annotated[float, Field(ge=0.0)]] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
+    class_weights: Literal["none", "balanced"] = "none"  # ce: "balanced" weighs each class by n / (K · n_class)
     temperature: Annotated[float, Field(gt=0.0)] = 3.19  # kl
     projection: Literal["fixed", "learned"] = "fixed"  # mse: P fixed orthogonal or trained
     feat_dim: Annotated[int, Field(ge=1)] = 128  # crd embedding width
@@ -76,12 +79,39 @@ def kd_kl_loss(
 
 
 class TaskCrossEntropy(nn.Module):
-    """Σ_tasks CE(logits_task, labels[:, task]) against the ground truth (the teacher is not used)."""
+    """Σ_tasks CE(logits_task, labels[:, task]) against the ground truth (the teacher is not used).
+
+    With `class_weights` (one tensor per task), each sample's CE is multiplied by its class's
+    weight and the batch takes the plain mean, mean_i(w[y_i] · CE_i): with balanced weights (mean 1
+    over the training set) an unbiased estimate of the class-balanced risk, and a per-sample mean,
+    so data-parallel ranks combine it exactly.
+    """
+
+    def __init__(self, class_weights: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.weighted = class_weights is not None
+        if self.weighted:
+            self.register_buffer("weights_task1", class_weights[0].float())
+            self.register_buffer("weights_task2", class_weights[1].float())
 
     def forward(self, s_out: Outputs, t_out: Outputs | None, labels: torch.Tensor, index=None) -> torch.Tensor:
-        return F.cross_entropy(s_out[TASK_LOGITS[0]].float(), labels[:, 0]) + F.cross_entropy(
-            s_out[TASK_LOGITS[1]].float(), labels[:, 1]
-        )
+        if not self.weighted:
+            return F.cross_entropy(s_out[TASK_LOGITS[0]].float(), labels[:, 0]) + F.cross_entropy(
+                s_out[TASK_LOGITS[1]].float(), labels[:, 1]
+            )
+        total = 0.0
+        for task, weights in enumerate((self.weights_task1, self.weights_task2)):
+            per_sample = F.cross_entropy(s_out[TASK_LOGITS[task]].float(), labels[:, task], reduction="none")
+            total = total + (weights[labels[:, task]] * per_sample).mean()
+        return total
+
+
+def balanced_class_weights(train_labels: torch.Tensor, num_classes: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Per task, scikit-learn's "balanced" class weights n / (K · n_class) from the training labels."""
+    return tuple(
+        torch.as_tensor(compute_class_weight("balanced", classes=np.arange(k), y=train_labels[:, task].numpy()),
+                        dtype=torch.float32)
+        for task, k in enumerate(num_classes))
 
 
 class SoftTargetKL(nn.Module):
@@ -317,6 +347,8 @@ class LossContext:
     n_data: int  # training samples (CRD memory rows)
     joint_labels: torch.Tensor | None = None  # task-1 × task-2 label per training sample (CRD negatives)
     seed: int = 0
+    train_labels: torch.Tensor | None = None  # (n_data, 2) label ids (balanced CE weights)
+    num_classes: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -331,9 +363,17 @@ def _teacher_dims(ctx: LossContext, term: str) -> Mapping[str, int]:
     return ctx.teacher_dims
 
 
+def _class_weights(cfg: LossConfig, ctx: LossContext) -> tuple[torch.Tensor, ...] | None:
+    if cfg.class_weights == "none":
+        return None
+    if ctx.train_labels is None or ctx.num_classes is None:
+        raise ValueError("class_weights: balanced needs the training labels and class counts in the LossContext")
+    return balanced_class_weights(ctx.train_labels, ctx.num_classes)
+
+
 # Build order = summation order; it is fixed here so that YAML key order never changes results.
 TERMS: dict[str, Term] = {
-    "ce": Term(lambda cfg, ctx: TaskCrossEntropy(), uses_teacher=False),
+    "ce": Term(lambda cfg, ctx: TaskCrossEntropy(_class_weights(cfg, ctx)), uses_teacher=False),
     "kl": Term(lambda cfg, ctx: SoftTargetKL(cfg.temperature)),
     "mse": Term(lambda cfg, ctx: FeatureMSELoss(
         _teacher_dims(ctx, "mse")["img_dim"], _teacher_dims(ctx, "mse")["txt_dim"], ctx.student_fusion_dim,

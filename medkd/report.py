@@ -7,6 +7,7 @@ every F1 recomputed from the per-sample prediction files (`medkd.metrics.load_ru
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from sklearn.metrics import precision_recall_fscore_support  # noqa: E402
 
 from optuna.exceptions import ExperimentalWarning  # noqa: E402
 from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances  # noqa: E402
@@ -287,6 +289,47 @@ def plot_f1_per_model(runs: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
+def per_class_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Precision, recall, F1 and test support of every class of every task, for every run (from its
+    per-sample predictions): where a run's average F1 comes from, and which rare class it misses."""
+    rows = []
+    for r in runs.itertuples():
+        for task in (r.task1, r.task2):
+            true, pred = r.predictions[f"{task}_true"], r.predictions[f"{task}_pred"]
+            classes = sorted(set(true) | set(pred))
+            precision, recall, f1, support = precision_recall_fscore_support(true, pred, labels=classes,
+                                                                             zero_division=0)
+            for k, name in enumerate(classes):
+                rows.append({"dataset": r.dataset, "model": r.model, "variant": r.variant, "task": task,
+                             "class": name, "precision": precision[k], "recall": recall[k], "f1": f1[k],
+                             "support": int(support[k])})
+    return pd.DataFrame(rows).round(4)
+
+
+def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
+    """Heat maps of per-class test F1: runs down, classes (with their test support) across, a panel
+    per data set and task."""
+    panels = per_class[["dataset", "task"]].drop_duplicates().itertuples(index=False)
+    panels = list(panels)
+    n_runs = per_class.groupby(["dataset", "task"]).apply(lambda g: g[["model", "variant"]].drop_duplicates().shape[0],
+                                                          include_groups=False).max()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, (2.2 + 0.38 * n_runs) * len(panels)), squeeze=False,
+                             layout="constrained")
+    for ax, (dataset, task) in zip(axes[:, 0], panels):
+        sub = per_class[(per_class.dataset == dataset) & (per_class.task == task)]
+        support = sub.groupby("class")["support"].max()
+        grid = sub.assign(run=[f"{m} [{v}]" for m, v in zip(sub.model, sub.variant)]).pivot_table(
+            index="run", columns="class", values="f1", sort=False)
+        grid.columns = [f"{textwrap.fill(c, 14)}\n(n={support[c]})" for c in grid.columns]  # long names wrap
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f",
+                    cbar_kws={"label": "test F1"})
+        ax.set_title(f"{dataset}: per-class test F1, {task}")
+        ax.set_xlabel("class (test support)")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=0)
+    _save(fig, path)
+
+
 def plot_params_vs_f1(runs: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.scatterplot(runs.assign(params_m=runs.parameters / 1e6), x="params_m", y="avg_f1", hue="variant",
@@ -351,6 +394,7 @@ def results_markdown(runs: pd.DataFrame, params: Mapping, hyper: pd.DataFrame, o
                   f"{optuna_metrics['n_pruned']} pruned), best dev average F1 {optuna_metrics['best_dev_avg_f1']:.3f}.",
                   "", "![optuna history](../optuna/optimization_history.png)",
                   "![optuna importances](../optuna/param_importances.png)", ""]
-    lines += ["## Figures", "", "![F1 per model](f1_per_model.png)", "", "![parameters vs F1](params_vs_f1.png)", "",
+    lines += ["## Figures", "", "![F1 per model](f1_per_model.png)", "", "![per-class F1](per_class_f1.png)", "",
+              "![parameters vs F1](params_vs_f1.png)", "",
               "![training curves](training_curves.png)", "", "![confusion matrices](confusion_matrices.png)", ""]
     return "\n".join(lines)

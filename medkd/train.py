@@ -337,9 +337,12 @@ class Resume:
 
 
 def resume_key(*parts) -> str:
-    if world_size() > 1:  # a data-parallel run resumes only with as many processes
-        parts = (*parts, f"world_size={world_size()}")
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_state_key(*parts) -> str:
+    """The key of a training run's resume state: a data-parallel run resumes only with as many processes."""
+    return resume_key(*parts, *([f"world_size={world_size()}"] if world_size() > 1 else []))
 
 
 @dataclass
@@ -532,7 +535,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
-    resume = Resume(Path(resume_path), resume_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
+    resume = Resume(Path(resume_path), run_state_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
                                                    data.content_key("train"))) if resume_path else None
     run = RunContext(model, model_cfg, data, model_cfg.tokenizer(), "teacher", cfg, device, out_dir,
                      checkpoint_path, started, resume)
@@ -602,13 +605,14 @@ def distill_student(
     student = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
     teacher_id = (cache["key"] if cache is not None else
                   state_fingerprint(teacher.state_dict()) if teacher is not None else "no teacher")
-    resume = Resume(Path(resume_path), resume_key("student", model_cfg.to_dict(), loss_cfg.to_dict(), cfg.to_dict(),
+    resume = Resume(Path(resume_path), run_state_key("student", model_cfg.to_dict(), loss_cfg.to_dict(), cfg.to_dict(),
                                                    data.content_key("train"), teacher_id)) if resume_path else None
     run = RunContext(student, model_cfg, data, tokenizers["student"], "student", cfg, device, out_dir,
                      checkpoint_path, started, resume)
     loss_fn = CombinedLoss.from_config(loss_cfg, LossContext(
         student.fusion_dim, teacher_dims, n_data=len(data.records["train"]),
-        joint_labels=data.joint_train_labels(), seed=cfg.seed)).to(device)
+        joint_labels=data.joint_train_labels(), seed=cfg.seed, train_labels=data.labels["train"],
+        num_classes=data.vocab.num_classes)).to(device)
     train_set = data.dataset("train", tokenizers, augment=cfg.augment)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
     cached = {k: v.to(device) for k, v in cache["outputs"].items()} if cache is not None else None

@@ -263,3 +263,26 @@ def test_crd_refuses_single_label_data():
     crd = CRDLoss(4, 4, n_data=5, feat_dim=8, nce_k=2, nce_t=0.07, nce_m=0.5, labels=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="negatives"):
         crd(fused(torch.randn(2, 4)), fused(torch.randn(2, 4)), None, torch.tensor([0, 1]))
+
+
+def test_balanced_class_weighted_ce_by_hand():
+    """class_weights: balanced -> mean_i(w[y_i] · CE_i) with w = n / (K · n_class) per task."""
+    train_labels = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 2]])  # task 1: 3 of class 0, 1 of class 1
+    ctx = LossContext(8, None, n_data=4, train_labels=train_labels, num_classes=(2, 3))
+    loss = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), ctx)
+    logits1 = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    logits2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.5, 0.5, 0.0]])
+    labels = torch.tensor([[0, 0], [1, 2], [1, 1]])
+    out = {"logits_modality": logits1, "logits_location": logits2}
+    w1 = {0: 4 / (2 * 3), 1: 4 / (2 * 1)}
+    w2 = {0: 4 / (3 * 1), 1: 4 / (3 * 1), 2: 4 / (3 * 2)}
+    expected = 0.0
+    for logits, weights, task in ((logits1, w1, 0), (logits2, w2, 1)):
+        nll = [-(logits[i, labels[i, task]] - torch.logsumexp(logits[i], 0)) for i in range(3)]
+        expected += sum(weights[int(labels[i, task])] * nll[i] for i in range(3)) / 3
+    assert loss(out, None, labels)["ce"] == pytest.approx(float(expected), rel=1e-6)
+    plain = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}), ctx)(out, None, labels)["ce"]
+    unweighted = sum(torch.nn.functional.cross_entropy(l, labels[:, t]) for t, l in enumerate((logits1, logits2)))
+    assert plain == pytest.approx(float(unweighted), rel=1e-7)
+    with pytest.raises(ValueError, match="needs the training labels"):
+        CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), LossContext(8, None, 4))

@@ -157,3 +157,17 @@ def test_study_table_shows_the_distillation_effect_against_the_no_kd_control(run
     # tuned avg 0.70 and Optuna best 0.80 against the no-KD student's 0.60; the teacher has none.
     assert table["vs no-KD"].tolist() == ["", "+0.100", "+0.200"]
     assert "vs no-KD" not in report.study_table(runs, "wound").columns
+
+
+def test_per_class_table_counts_each_class_of_each_run(tmp_path):
+    frame = pd.DataFrame({"image_id": list("abcdef"), "type_true": list("AABBBB"), "type_pred": list("ABBBBA"),
+                          "severity_true": list("xxyyzz"), "severity_pred": list("xxyyzz")})
+    row = _run("wound", "s1", "tuned", (0.0, 1.0))
+    row["predictions"] = frame
+    table = report.per_class_table(pd.DataFrame([row])).set_index(["task", "class"])
+    # type A: 1 of 2 found (recall 0.5), 1 of 2 predicted A right (precision 0.5); B: 3 of 4, 3 of 4.
+    assert table.loc[("type", "A"), ["precision", "recall", "f1", "support"]].tolist() == [0.5, 0.5, 0.5, 2]
+    assert table.loc[("type", "B"), ["precision", "recall", "f1", "support"]].tolist() == [0.75, 0.75, 0.75, 4]
+    assert (table.loc["severity", "f1"] == 1.0).all() and table.loc["severity", "support"].tolist() == [2, 2, 2]
+    report.plot_per_class_f1(table.reset_index(), tmp_path / "per_class.png")
+    assert (tmp_path / "per_class.png").read_bytes().startswith(PNG)

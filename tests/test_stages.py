@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -16,7 +18,7 @@ from medkd.stages.common import Paths, open_stage
 from medkd.datasets import DataError
 from medkd.stages.distill import distill_stage
 from medkd.stages.prepare import prepare_stage
-from medkd.stages.schema import ParamsError
+from medkd.stages.schema import ParamsError, variants
 from medkd.stages.tune import optuna_stage
 from medkd.synthetic import make_synthetic_medpix
 from medkd.train import TrainingInterrupted
@@ -158,3 +160,25 @@ def _drop_seconds(node):
     if isinstance(node, dict):
         return {k: _drop_seconds(v) for k, v in node.items() if "seconds" not in k}
     return node
+
+
+def test_a_distill_stage_runs_data_parallel_under_torchrun(project, tmp_path):
+    """`torchrun --nproc_per_node 2 -m medkd train student`: both ranks train, rank 0 alone writes the
+    stage's outputs (the same files a one-process run writes) and no rank's resume state is left."""
+    root, params = project
+    paths = Paths(root)
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "-m", "medkd", "train", "student", "tiny-b",
+                          "--root", str(root)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    written = _stage_outputs(paths, "tiny-b")
+    assert sorted(written) == sorted(
+        [f"reports/students/tiny-b/{v}/{f}" for v in variants(params) for f in
+         ("metrics.json", "predictions_dev.csv", "predictions_test.csv")] + ["reports/metrics/distill-tiny-b.json"])
+    assert all((root / name).stat().st_mtime >= started for name in written)  # written by this run
+    assert not list((paths.state() / "resume").glob("distill-tiny-b-*"))
