@@ -35,6 +35,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from medkd.data import DataConfig, PreparedData, make_loader
+from medkd.environment import cpu_model
 from medkd.models import build_model
 from medkd.stages.schema import student_configs, teacher_configs
 from medkd.train import (
@@ -230,16 +231,6 @@ def ratios(frame: pd.DataFrame, model: str, column: str, reference: str, variant
     """variant/reference of each repeat: the spread says how much of a ratio is noise."""
     sub = frame[frame.model == model].pivot(index="repeat", columns="variant", values=column)
     return ", ".join(f"{r:.2f}" for r in sub[variant] / sub[reference])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

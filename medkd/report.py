@@ -217,6 +217,23 @@ def interval_markdown(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)  # keep the signs of differences
 
 
+def environment_lines(runs: pd.DataFrame) -> list[str]:
+    """Where the runs ran (from each run's metrics.json): the numbers reproduce exactly only on the
+    same hardware and software."""
+    envs = [e for e in runs.get("environment", pd.Series(dtype=object)) if isinstance(e, Mapping)]
+    if not envs:
+        return []
+    distinct = {repr(sorted((k, str(v)) for k, v in e.items())) for e in envs}
+    e = envs[0]
+    versions = ", ".join(f"{k} {v}" for k, v in e.get("versions", {}).items())
+    return ["## Environment", "",
+            f"CPU {e.get('cpu')} (torch kernels: {e.get('cpu_isa')}), {e.get('cpu_count')} cores, "
+            f"{e.get('torch_threads')} torch threads; GPU {e.get('gpu') or 'none'}; {e.get('precision')}; "
+            f"Python {e.get('python')}; {versions}.",
+            "" if len(distinct) == 1 else f"Runs of this report ran in {len(distinct)} different environments "
+                                          "(see each run's metrics.json).", ""]
+
+
 def all_runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     cols = ["dataset", "model", "variant", "backbones", "parameters", "task1_f1", "task2_f1", "avg_f1",
             "task1_acc", "task2_acc", "dev_avg_f1", "best_epoch", "seconds", "n_test"]
@@ -387,6 +404,7 @@ def results_markdown(runs: pd.DataFrame, params: Mapping, hyper: pd.DataFrame, o
                   "scored on the same resamples, so a difference's interval reflects how the two models differ "
                   "on the images. Where it contains 0 the difference is not detectable with this test set.", "",
                   interval_markdown(table), ""]
+    lines += environment_lines(runs)
     lines += ["## All runs", "", all_runs_table(runs).to_markdown(index=False), "",
               "## Hyperparameters", "", hyper.to_markdown(index=False), ""]
     if optuna_metrics:

@@ -30,6 +30,7 @@ from medkd.distributed import (
     all_reduce_sum, average_float_buffers, average_gradients, barrier, broadcast_module, broadcast_object, is_main,
     local_device, rank, world_size,
 )
+from medkd.environment import environment
 from medkd.files import atomic_write, write_json
 from medkd.losses import TERMS, CombinedLoss, LossConfig, LossContext
 from medkd.metrics import metrics_from_predictions, predictions_frame
@@ -515,7 +516,8 @@ def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mappin
         atomic_write(out_dir / f"predictions_{split}.csv", lambda p, f=frame: f.to_csv(p, index=False))
     seconds = time.perf_counter() - run.started
     summary = {"parameters": n_params, "best_epoch": best.epoch, "seconds": round(seconds, 1),
-               "tasks": list(run.data.vocab.tasks), **results}
+               "tasks": list(run.data.vocab.tasks), **results,
+               "environment": {**environment(run.device, run.cfg.bf16), "world_size": world_size()}}
     write_json(out_dir / "metrics.json", summary)
     atomic_write(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
     broadcast_object((results, seconds))

@@ -171,3 +171,15 @@ def test_per_class_table_counts_each_class_of_each_run(tmp_path):
     assert (table.loc["severity", "f1"] == 1.0).all() and table.loc["severity", "support"].tolist() == [2, 2, 2]
     report.plot_per_class_f1(table.reset_index(), tmp_path / "per_class.png")
     assert (tmp_path / "per_class.png").read_bytes().startswith(PNG)
+
+
+def test_results_name_the_environment_and_flag_mixed_ones(runs):
+    env = {"cpu": "AMD EPYC", "cpu_isa": "AVX512", "cpu_count": 2, "torch_threads": 2, "gpu": None,
+           "precision": "bf16 autocast", "python": "3.11.7", "versions": {"torch": "2.14.1"}}
+    same = runs.assign(environment=[env] * len(runs))
+    lines = "\n".join(report.environment_lines(same))
+    assert "CPU AMD EPYC (torch kernels: AVX512), 2 cores, 2 torch threads; GPU none; bf16 autocast" in lines
+    assert "different environments" not in lines
+    mixed = runs.assign(environment=[env] * (len(runs) - 1) + [{**env, "cpu_isa": "AVX512_BF16_AMX"}])
+    assert "ran in 2 different environments" in "\n".join(report.environment_lines(mixed))
+    assert report.environment_lines(runs) == []  # runs from before environments were recorded

@@ -341,3 +341,11 @@ def test_no_kd_control_reads_runs_and_caches_no_teacher(data, tmp_path, monkeypa
     assert run.history[0]["train_ce"] == pytest.approx(run.history[0]["train_total"])
     payload = torch.load(run.checkpoint, weights_only=False)
     assert payload["teacher_used"] is False and payload["teacher_cache_used"] is False
+
+
+def test_every_run_records_its_environment(teacher_run):
+    env = json.loads((teacher_run.checkpoint.parent / "metrics.json").read_text())["environment"]
+    assert env["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    assert env["torch_threads"] == torch.get_num_threads() and env["world_size"] == 1
+    assert env["precision"] == ("bf16 autocast" if FAST.bf16 else "fp32") and env["device"] == "cpu"
+    assert env["versions"]["torch"] == torch.__version__ and env["versions"]["transformers"]

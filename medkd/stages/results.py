@@ -51,6 +51,7 @@ def _row(dataset: str, name: str, variant: str, run: Mapping, spec: Mapping) -> 
         "confusion1": test[tasks[0]]["confusion"], "confusion2": test[tasks[1]]["confusion"],
         "classes1": run["vocab"].classes[0], "classes2": run["vocab"].classes[1],
         "history": run["history"], "predictions": run["predictions"],
+        "environment": run["metrics"].get("environment"),
     }
 
 
