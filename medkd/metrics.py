@@ -60,8 +60,10 @@ def metrics_from_predictions(frame: pd.DataFrame, vocab: Vocab) -> dict:
 
 
 def headline_metrics(result: Mapping) -> dict:
-    """The numbers a person compares (no confusion matrices), from a run's metrics.json, for `dvc metrics`."""
-    out = {"parameters": result["parameters"], "seconds": result["seconds"]}
+    """The numbers a person compares, from a run's metrics.json, for `dvc metrics show/diff`: F1s and
+    size. Timings, confusion matrices and the environment stay in the run's own metrics.json (a diff
+    of two reproductions would otherwise be all seconds)."""
+    out = {"parameters": result["parameters"]}
     for split in ("dev", "test"):
         if split in result:
             out[f"{split}_avg_f1"] = round(result[split]["avg_f1"], 4)

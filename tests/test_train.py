@@ -349,3 +349,12 @@ def test_every_run_records_its_environment(teacher_run):
     assert env["torch_threads"] == torch.get_num_threads() and env["world_size"] == 1
     assert env["precision"] == ("bf16 autocast" if FAST.bf16 else "fp32") and env["device"] == "cpu"
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["transformers"]
+
+
+def test_dvc_metrics_hold_only_the_numbers_a_person_compares(teacher_run):
+    from medkd.metrics import headline_metrics
+    full = json.loads((teacher_run.checkpoint.parent / "metrics.json").read_text())
+    lean = headline_metrics(full)
+    assert set(lean) == {"parameters", "dev_avg_f1", "test_avg_f1", "dev_modality_f1", "dev_location_f1",
+                         "test_modality_f1", "test_location_f1"}
+    assert lean["test_avg_f1"] == round(full["test"]["avg_f1"], 4) and "seconds" in full
