@@ -63,7 +63,8 @@ def _postgres_binaries() -> dict[str, str] | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port nobody listens on now (a test server's, a torchrun rendezvous')."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -88,7 +89,7 @@ def postgres_url():
         user = pwd.getpwnam("postgres")
         os.chown(folder, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     data = folder / "data"
 
     def run(*command):

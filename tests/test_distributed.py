@@ -1,7 +1,6 @@
 """Data-parallel training (torchrun, gloo on the CPU) against one process with the same global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from medkd.synthetic import make_synthetic_medpix
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 LOSS_KEYS = ("train_total", "train_ce", "train_kl", "train_mse", "train_crd")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def runs(tmp_path_factory):
                    capture_output=True, timeout=600)
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(SCRIPT), str(double), str(data)],
+         "--master_port", str(free_port()), str(SCRIPT), str(double), str(data)],
         env=env, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     return single, double

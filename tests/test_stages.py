@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 import medkd.stages.tune as tune_module
+from conftest import free_port
 from medkd.stages.common import Paths, open_stage
 from medkd.datasets import DataError
 from medkd.stages.distill import distill_stage
@@ -168,9 +168,7 @@ def test_a_distill_stage_runs_data_parallel_under_torchrun(project, tmp_path):
     root, params = project
     paths = Paths(root)
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     started = time.time()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(port), "-m", "medkd", "train", "student", "tiny-b",
