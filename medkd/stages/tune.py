@@ -272,7 +272,7 @@ def optuna_stage(params: Mapping, root: Path | None = None) -> dict:
         failed = [p.args[-1] for p in helpers if p.wait() != 0]
     if failed:
         raise RuntimeError(f"optuna workers {', '.join(failed)} failed (their output is above)")
-    return collect(search, search.study())
+    return collect(search, study)  # the same study: its trials are read from the storage afresh
 
 
 def collect(search: Search, study: optuna.Study) -> dict:
