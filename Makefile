@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup offline-weights data repro exp paper test bench clean-venv
+.PHONY: setup offline-weights data repro exp full paper test bench clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ repro: $(STAMP) $(OFFLINE_STAMP) data
 # An experiment on top of params.yaml: make exp ARGS="-S 'distill.train.epochs=5'"
 exp: $(STAMP) $(OFFLINE_STAMP) data
 	$(BIN)/dvc exp run $(ARGS)
+
+# The full study (params.yaml plus the ablations and caption masking; about 90 min here); replaces params.yaml.
+full: $(STAMP)
+	cp configs/full.yaml params.yaml
+	$(MAKE) repro
 
 # The study's exact setup (needs the model hub and, realistically, a GPU); replaces params.yaml.
 paper: $(STAMP)

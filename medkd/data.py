@@ -7,6 +7,7 @@ What differs between data sets (files, tasks, label and text fields, leakage) is
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Mapping, Sequence
@@ -39,11 +40,21 @@ class DataConfig(FromMapping):
     max_length: Annotated[int, Field(ge=4)] = 128  # text tokens
     text_fields: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     label_fields: tuple[str, str] | None = None
+    # Words and phrases replaced by the tokenizer's mask (or unknown) token in every split's text:
+    # whole words, any case, a phrase's words separated by any whitespace (see `mask_words`).
+    mask_terms: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
         return one_of(name, list_datasets(), "data set")
+
+    @field_validator("mask_terms")
+    @classmethod
+    def _non_empty_terms(cls, terms: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not t.strip() for t in terms):
+            raise ValueError("mask_terms must be non-empty words or phrases")
+        return terms
 
     @model_validator(mode="after")
     def _spec_defaults(self):
@@ -63,6 +74,28 @@ class DataConfig(FromMapping):
     @property
     def task_names(self) -> tuple[str, str]:
         return self.spec.tasks
+
+
+def mask_pattern(terms: Sequence[str]) -> re.Pattern | None:
+    """One case-insensitive pattern for whole-word `terms` (longest first, so "MRI" wins over "MR");
+    a phrase's words match across any whitespace. None for no terms."""
+    if not terms:
+        return None
+    alternatives = [r"\s+".join(map(re.escape, t.split())) for t in sorted(terms, key=len, reverse=True)]
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+
+
+def mask_words(texts: Sequence[str], terms: Sequence[str], token: str) -> list[str]:
+    """`texts` with every listed word or phrase replaced by `token` (e.g. the tokenizer's [MASK])."""
+    pattern = mask_pattern(terms)
+    return list(texts) if pattern is None else [pattern.sub(token, text) for text in texts]
+
+
+def mask_token(tokenizer) -> str:
+    token = getattr(tokenizer, "mask_token", None) or getattr(tokenizer, "unk_token", None)
+    if not token:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a mask nor an unknown token to mask words with")
+    return token
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
@@ -163,6 +196,7 @@ class MultimodalDataset(Dataset):
         images: torch.Tensor,
         max_length: int,
         augment: bool = False,
+        mask_terms: Sequence[str] = (),
     ):
         self.records = list(records)
         self.labels = labels
@@ -171,7 +205,8 @@ class MultimodalDataset(Dataset):
         texts = [r.text for r in self.records]
         self.tokens = {}
         for role, tokenizer in tokenizers.items():
-            enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+            shown = mask_words(texts, mask_terms, mask_token(tokenizer)) if mask_terms else texts
+            enc = tokenizer(shown, padding="max_length", truncation=True, max_length=max_length,
                             return_tensors="pt")
             self.tokens[role] = (enc["input_ids"], enc["attention_mask"])
 
@@ -314,7 +349,7 @@ class PreparedData:
 
     def dataset(self, split: str, tokenizers: Mapping[str, object], augment: bool = False) -> MultimodalDataset:
         return MultimodalDataset(self.records[split], self.labels[split], tokenizers, self.images(split),
-                                 self.config.max_length, augment=augment)
+                                 self.config.max_length, augment=augment, mask_terms=self.config.mask_terms)
 
     def content_key(self, split: str) -> str:
         """sha256 of what a model sees of a split: decoded pixels, texts, labels, preprocessing.
@@ -327,7 +362,7 @@ class PreparedData:
 
     def _hash_content(self, split: str) -> str:
         digest = hashlib.sha256(repr((self.config.image_size, self.config.max_length, self.config.text_fields,
-                                      self.config.label_fields)).encode())
+                                      self.config.label_fields, self.config.mask_terms)).encode())
         digest.update(self.images(split).numpy().tobytes())
         for record in self.records[split]:
             digest.update(f"\x00{record.image_id}\x00{record.text}".encode())

@@ -152,11 +152,11 @@ class FeatureMSELoss(nn.Module):
         self.proj_txt = _projection(teacher_txt_dim, student_dim, projection, generator)
 
     def forward(self, s_out: Outputs, t_out: Outputs, labels=None, index=None) -> torch.Tensor:
-        target_img = self.proj_img(t_out["img_raw"].detach().float())
-        target_txt = self.proj_txt(t_out["txt_raw"].detach().float())
-        return F.mse_loss(s_out["img_proj"].float(), target_img) + F.mse_loss(
-            s_out["txt_proj"].float(), target_txt
-        )
+        """A single-modality student (`modalities: [image]`) aligns the one modality it has."""
+        pairs = [(proj, s_key, t_key) for proj, s_key, t_key in
+                 ((self.proj_img, "img_proj", "img_raw"), (self.proj_txt, "txt_proj", "txt_raw")) if s_key in s_out]
+        return sum(F.mse_loss(s_out[s_key].float(), proj(t_out[t_key].detach().float()))
+                   for proj, s_key, t_key in pairs)
 
 
 class FixedLinear(nn.Module):

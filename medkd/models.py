@@ -3,11 +3,14 @@
 image -> vision backbone -> img_raw -> Linear -> img_proj ┐
                                                           ├─ cross-attention fusion -> fused
 text  -> text backbone   -> txt_raw -> Linear -> txt_proj ┘      -> dropout -> two task heads
+
+The same class with one backbone (`modalities: [image]` or `[text]`) is the single-modality
+ablation: fusion then refines the one token, and the other modality's outputs are absent.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -55,7 +58,7 @@ class FusionBlock(nn.Module):
 
 
 class CrossAttentionFusion(nn.Module):
-    """`layers` stacked FusionBlocks; the first query is the mean of the two modality tokens."""
+    """`layers` stacked FusionBlocks; the first query is the mean of the modality tokens."""
 
     def __init__(self, dim: int, layers: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -63,8 +66,9 @@ class CrossAttentionFusion(nn.Module):
             raise ValueError(f"fusion_layers must be >= 1, got {layers}")
         self.blocks = nn.ModuleList(FusionBlock(dim, heads, dropout) for _ in range(layers))
 
-    def forward(self, img_proj: torch.Tensor, txt_proj: torch.Tensor) -> torch.Tensor:
-        tokens = torch.stack((img_proj, txt_proj), dim=1)
+    def forward(self, *tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens`: the projected vector of each modality the model has, each (B, D)."""
+        tokens = torch.stack(tokens, dim=1)
         query = tokens.mean(dim=1)
         for block in self.blocks:
             query = block(query, tokens)
@@ -80,8 +84,8 @@ class MultimodalClassifier(nn.Module):
 
     def __init__(
         self,
-        vision: VisionBackbone,
-        text: TextBackbone,
+        vision: VisionBackbone | None,
+        text: TextBackbone | None,
         num_classes: Sequence[int],
         fusion_dim: int,
         fusion_layers: int,
@@ -91,43 +95,41 @@ class MultimodalClassifier(nn.Module):
         super().__init__()
         if len(num_classes) != 2 or min(num_classes) < 2:
             raise ValueError(f"num_classes must be two class counts >= 2, got {num_classes!r}")
+        if vision is None and text is None:
+            raise ValueError("a classifier needs at least one backbone (vision or text)")
         self.vision = vision
         self.text = text
         self.num_classes = tuple(int(n) for n in num_classes)
         self.fusion_dim = fusion_dim
-        self.img_proj = nn.Linear(vision.width, fusion_dim)
-        self.txt_proj = nn.Linear(text.width, fusion_dim)
+        self.img_proj = nn.Linear(vision.width, fusion_dim) if vision is not None else None
+        self.txt_proj = nn.Linear(text.width, fusion_dim) if text is not None else None
         self.fusion = CrossAttentionFusion(fusion_dim, fusion_layers, fusion_heads)
         self.dropout = nn.Dropout(dropout)
         self.head_modality = nn.Linear(fusion_dim, self.num_classes[0])
         self.head_location = nn.Linear(fusion_dim, self.num_classes[1])
 
     @property
-    def img_dim(self) -> int:
-        return self.vision.width
+    def img_dim(self) -> int | None:
+        return self.vision.width if self.vision is not None else None
 
     @property
-    def txt_dim(self) -> int:
-        return self.text.width
+    def txt_dim(self) -> int | None:
+        return self.text.width if self.text is not None else None
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        img_raw = self.vision(pixel_values)
-        txt_raw = self.text(input_ids, attention_mask)
-        img_proj = self.img_proj(img_raw)
-        txt_proj = self.txt_proj(txt_raw)
-        fused = self.fusion(img_proj, txt_proj)
+        out = {}
+        if self.vision is not None:
+            out["img_raw"] = self.vision(pixel_values)
+            out["img_proj"] = self.img_proj(out["img_raw"])
+        if self.text is not None:
+            out["txt_raw"] = self.text(input_ids, attention_mask)
+            out["txt_proj"] = self.txt_proj(out["txt_raw"])
+        fused = self.fusion(*(out[k] for k in ("img_proj", "txt_proj") if k in out))
         hidden = self.dropout(fused)
-        return {
-            "logits_modality": self.head_modality(hidden),
-            "logits_location": self.head_location(hidden),
-            "img_raw": img_raw,
-            "txt_raw": txt_raw,
-            "img_proj": img_proj,
-            "txt_proj": txt_proj,
-            "fused": fused,
-        }
+        return {"logits_modality": self.head_modality(hidden), "logits_location": self.head_location(hidden),
+                **out, "fused": fused}
 
 
 @config_dataclass
@@ -144,6 +146,7 @@ class ModelConfig(FromMapping):
     fusion_heads: Annotated[int, Field(ge=1)] = 8
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrained: bool = False
+    modalities: Annotated[tuple[Literal["image", "text"], ...], Field(min_length=1, max_length=2)] = ("image", "text")
     vision_weights: str | None = None  # a local weights file or folder; wins over every other source
     text_weights: str | None = None
 
@@ -156,6 +159,13 @@ class ModelConfig(FromMapping):
     @classmethod
     def _registered_text(cls, name: str) -> str:
         return one_of(name, list_backbones("text"), "text backbone")
+
+    @field_validator("modalities")
+    @classmethod
+    def _distinct(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be distinct, got {list(modalities)}")
+        return modalities
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -175,8 +185,10 @@ def build_model(cfg: ModelConfig, num_classes: Sequence[int], pretrained: bool |
     """
     pretrained = cfg.pretrained if pretrained is None else pretrained
     return MultimodalClassifier(
-        build_backbone(cfg.vision, pretrained=pretrained, weights=cfg.vision_weights, modality="vision"),
-        build_backbone(cfg.text, pretrained=pretrained, weights=cfg.text_weights, modality="text"),
+        build_backbone(cfg.vision, pretrained=pretrained, weights=cfg.vision_weights, modality="vision")
+        if "image" in cfg.modalities else None,
+        build_backbone(cfg.text, pretrained=pretrained, weights=cfg.text_weights, modality="text")
+        if "text" in cfg.modalities else None,
         num_classes,
         fusion_dim=cfg.fusion_dim,
         fusion_layers=cfg.fusion_layers,

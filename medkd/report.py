@@ -19,12 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 from sklearn.metrics import precision_recall_fscore_support  # noqa: E402
 
 from optuna.exceptions import ExperimentalWarning  # noqa: E402
-from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances  # noqa: E402
+from optuna.visualization.matplotlib import plot_param_importances  # noqa: E402
 
-from medkd.data import PreparedData, load_image  # noqa: E402
+from medkd.data import PreparedData, load_image, mask_words  # noqa: E402
 from medkd.datasets import SPLITS, label_word_pattern  # noqa: E402
 from medkd.files import atomic_write  # noqa: E402
 from medkd.params import get_path  # noqa: E402
@@ -57,14 +58,15 @@ def text_statistics(data: PreparedData) -> pd.DataFrame:
     how often the text names that label itself (`names_<task>_pct`)."""
     patterns = {task: label_word_pattern(data.config.spec, task) for task in data.vocab.tasks}
     rows = {}
-    for split in SPLITS:
-        words = np.array([len(r.text.split()) for r in data.records[split]])
+    for split in SPLITS:  # the texts as the models see them (after `mask_terms`)
+        texts = mask_words([r.text for r in data.records[split]], data.config.mask_terms, "[MASK]")
+        words = np.array([len(text.split()) for text in texts])
         row = {"n": len(words), "words_mean": round(float(words.mean()), 1),
                "words_median": float(np.median(words)), "words_max": int(words.max())}
         for task, pattern in patterns.items():
             if pattern is not None:
                 row[f"names_{task}_pct"] = round(
-                    100 * np.mean([bool(pattern.search(r.text)) for r in data.records[split]]), 1)
+                    100 * np.mean([bool(pattern.search(text)) for text in texts]), 1)
         rows[split] = row
     return pd.DataFrame(rows).T
 
@@ -113,22 +115,50 @@ def data_report_markdown(summary: Mapping, balance: pd.DataFrame, text_stats: pd
 # --------------------------------------------------------------------------- optuna figures
 
 
-def plot_optuna(study, out: Path) -> None:
+def plot_optuna(study, out: Path, n_startup_trials: int = 0) -> None:
     with warnings.catch_warnings():  # optuna flags its matplotlib plots as experimental
         warnings.simplefilter("ignore", ExperimentalWarning)
-        _plot_optuna(study, out)
+        plot_search_history(study, Path(out) / "optimization_history.png", n_startup_trials)
+        _plot_importances(study, Path(out) / "param_importances.png")
 
 
-def _plot_optuna(study, out: Path) -> None:
-    ax = plot_optimization_history(study)
-    ax.set_title("Optuna: dev average macro-F1 per trial")
-    _save(ax.figure, Path(out) / "optimization_history.png")
+def plot_search_history(study, path: Path, n_startup_trials: int = 0) -> None:
+    """Each trial's dev score by trial number (pruned trials at their last reported epoch), the
+    best-so-far line, and the random start-up trials shaded: does TPE improve on random draws?"""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    trials = sorted(study.trials, key=lambda t: t.number)
+    complete = [(t.number, t.value) for t in trials if t.state.name == "COMPLETE"]
+    pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)]) for t in trials
+              if t.state.name == "PRUNED" and t.intermediate_values]
+    if n_startup_trials:
+        ax.axvspan(-0.5, n_startup_trials - 0.5, color="0.9", zorder=0, label=f"random start-up ({n_startup_trials})")
+    if complete:
+        ax.scatter(*zip(*complete), color="C0", s=40, zorder=3, label="complete")
+        best, line = -np.inf, []
+        for t in trials:
+            if t.state.name == "COMPLETE":
+                best = max(best, t.value)
+            line.append((t.number, best if np.isfinite(best) else np.nan))
+        ax.step(*zip(*line), where="post", color="C3", label="best so far")
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color="C1", s=40, zorder=3, label="pruned (last epoch's score)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trial number", ylabel="dev average macro-F1",
+           title=f"Optuna search: {len(trials)} trials ({len(complete)} complete, {len(pruned)} pruned)")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def _plot_importances(study, path: Path) -> None:
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
         try:
             ax = plot_param_importances(study)
-            ax.set_title("Optuna: hyperparameter importances (fANOVA)")
-            _save(ax.figure, Path(out) / "param_importances.png")
+            for text in list(ax.figure.texts):  # optuna's own figure title: ours below replaces it
+                text.remove()
+            ax.set_title(f"Hyperparameter importances (fANOVA) from {len(complete)} complete trials\n"
+                         + ("indicative only: few trials" if len(complete) < 20 else ""), fontsize=10)
+            _save(ax.figure, path)
             return
         except (RuntimeError, ValueError) as err:  # e.g. a parameter with a single value
             reason = str(err)
@@ -137,69 +167,120 @@ def _plot_optuna(study, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, f"No importances: {reason}", ha="center", va="center", wrap=True)
-    _save(fig, Path(out) / "param_importances.png")
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- results
 
 
 NO_KD = "no-kd"  # the variant name of the control trained without the teacher (params.yaml `distill.no-kd`)
-
-
-def study_table(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """The study's format: Model | Parameters | Task-1 F1 | Task-2 F1 | Avg F1 | Improvement.
-
-    Teacher first; each student with the tuned hyperparameters, its improvement relative to the
-    same student trained with the baseline hyperparameters; then the Optuna-best retrain. With a
-    `no-kd` variant in the runs, a column "vs no-KD": avg F1 minus that of the same student
-    trained without the teacher.
-    """
-    sub = runs[runs.dataset == dataset]
-    t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
-    baseline = sub[sub.variant == "baseline"].set_index("model")["avg_f1"]
-    no_kd = sub[sub.variant == NO_KD].set_index("model")["avg_f1"]
-    rows = []
-    for _, r in sub[sub.variant.isin(["teacher", "tuned", "optuna-best"])].iterrows():
-        if r.variant == "teacher":
-            label, improvement = f"Teacher ({r.backbones})", "Baseline"
-        else:
-            suffix = " [Optuna best]" if r.variant == "optuna-best" else ""
-            label = f"Student ({r.backbones}){suffix}"
-            base = baseline.get(r.model)
-            improvement = f"{100 * (r.avg_f1 - base) / base:+.1f}% vs baseline" if base else "n/a"
-        row = {"Model": label, "Parameters": f"{r.parameters / 1e6:.2f}M",
-               f"Test {t1.capitalize()} F1": f"{r.task1_f1:.3f}",
-               f"Test {t2.capitalize()} F1": f"{r.task2_f1:.3f}",
-               "Avg F1": f"**{r.avg_f1:.3f}**", "Improvement": improvement}
-        if len(no_kd):  # the distillation's own effect: the same student trained without the teacher
-            control = no_kd.get(r.model) if r.variant != "teacher" else None
-            row["vs no-KD"] = f"{r.avg_f1 - control:+.3f}" if control is not None else ""
-        rows.append(row)
-    return pd.DataFrame(rows)
+OPTUNA_BEST = "optuna-best"  # the retrained best trial of the search (stage optuna)
+# Variants compared with the teacher and with the no-KD control (ablations are compared with their base).
+MAIN_VARIANTS = ("tuned", "baseline", NO_KD, OPTUNA_BEST)
 
 
 def run_label(model: str, variant: str) -> str:
     return "teacher" if variant == "teacher" else f"{model} {variant}"
 
 
-def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
-    """Test avg macro-F1 of every run of `dataset` and the differences the study's claims rest on
-    (each student − teacher, tuned − baseline, Optuna best − tuned, KD − no-KD), with paired bootstrap 95%
-    intervals over the test images (`medkd.stats`)."""
+def model_groups(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, model, variant): the seeds' mean and std (ddof=1; NaN for one seed) of
+    each F1, the number of seeds, and the first run's other columns."""
+    keys = ["dataset", "model", "variant"]
+    f1s = ["task1_f1", "task2_f1", "avg_f1"]
+    grouped = runs.groupby(keys, sort=False)
+    first = grouped.first().drop(columns=f1s)
+    stats = grouped[f1s].agg(["mean", "std"])
+    stats.columns = [c if s == "mean" else f"{c}_std" for c, s in stats.columns]
+    return first.join(stats).assign(seeds=grouped.size()).reset_index()
+
+
+def _mean_std(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
+def _ci(row: pd.Series | None) -> str:
+    if row is None:
+        return ""
+    sign = "+" if row.kind == "difference" else ""
+    return f"[{row.low:{sign}.3f}, {row.high:{sign}.3f}]"
+
+
+def study_table(runs: pd.DataFrame, dataset: str, intervals: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The study's format: Model | Parameters | Task-1 F1 | Task-2 F1 | Avg F1 | Improvement, then
+    "vs no-KD" (avg F1 minus that of the same student trained without the teacher) where a `no-kd`
+    variant ran, and with `intervals` (`interval_table`) the 95% interval columns.
+
+    Teacher first; each student with the tuned hyperparameters, its improvement relative to the same
+    student trained with the baseline hyperparameters; then the Optuna-best retrain. F1s are means ±
+    std over the seeds a model was trained with (the seed count in "Seeds").
+    """
+    groups = model_groups(runs[runs.dataset == dataset])
+    t1, t2 = groups.iloc[0]["task1"], groups.iloc[0]["task2"]
+    by = groups.set_index(["model", "variant"])
+    ci = intervals.set_index("name") if intervals is not None else None
+
+    def interval(name: str) -> pd.Series | None:
+        return ci.loc[name] if ci is not None and name in ci.index else None
+
+    rows = []
+    for r in groups[groups.variant.isin(["teacher", "tuned", OPTUNA_BEST])].itertuples():
+        label = run_label(r.model, r.variant)
+        if r.variant == "teacher":
+            name, improvement, gain_ci = f"Teacher ({r.backbones})", "Baseline", ""
+        else:
+            name = f"Student ({r.backbones})" + (" [Optuna best]" if r.variant == OPTUNA_BEST else "")
+            base = by.avg_f1.get((r.model, "baseline"))
+            improvement = f"{100 * (r.avg_f1 - base) / base:+.1f}% vs baseline" if base else "n/a"
+            gain_ci = _ci(interval(f"{label} − {run_label(r.model, 'baseline')}"))
+        row = {"Model": name, "Parameters": f"{r.parameters / 1e6:.2f}M", "Seeds": r.seeds,
+               f"Test {t1.capitalize()} F1": _mean_std(r.task1_f1, r.task1_f1_std, r.seeds),
+               f"Test {t2.capitalize()} F1": _mean_std(r.task2_f1, r.task2_f1_std, r.seeds),
+               "Avg F1": f"**{_mean_std(r.avg_f1, r.avg_f1_std, r.seeds)}**", "Improvement": improvement}
+        if ci is not None:
+            row["Avg F1 95% CI"] = _ci(interval(label))
+            row["vs baseline 95% CI"] = gain_ci
+        if (groups.variant == NO_KD).any():  # the distillation's own effect
+            control = by.avg_f1.get((r.model, NO_KD)) if r.variant != "teacher" else None
+            row["vs no-KD"] = f"{r.avg_f1 - control:+.3f}" if control is not None else ""
+            if ci is not None:
+                row["vs no-KD 95% CI"] = (_ci(interval(f"{label} − {run_label(r.model, NO_KD)}"))
+                                          if control is not None else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples: int = N_RESAMPLES,
+                   bases: Mapping[str, str | None] | None = None) -> pd.DataFrame:
+    """Test avg macro-F1 of every model of `dataset` (seed-averaged) and the differences the study's
+    claims rest on, with paired bootstrap 95% intervals over the test images (`medkd.stats`):
+    each student − teacher, tuned − baseline, Optuna best − tuned, KD − no-KD, and each other
+    variant − its `base:` (the ablations; `bases` from `medkd.stages.schema.variant_bases`)."""
     sub = runs[runs.dataset == dataset]
     t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
-    frames = {run_label(r.model, r.variant): r.predictions for r in sub.itertuples()}
+    frames = {run_label(model, variant): list(group.predictions)
+              for (model, variant), group in sub.groupby(["model", "variant"], sort=False)}
     differences = []
-    for r in sub[sub.variant != "teacher"].itertuples():
-        label = run_label(r.model, r.variant)
-        if "teacher" in frames:
-            differences.append((label, "teacher"))
-        if r.variant == "tuned" and run_label(r.model, "baseline") in frames:
-            differences.append((label, run_label(r.model, "baseline")))
-        if r.variant == "optuna-best" and run_label(r.model, "tuned") in frames:
-            differences.append((label, run_label(r.model, "tuned")))
-        if r.variant in ("tuned", "optuna-best") and run_label(r.model, NO_KD) in frames:
-            differences.append((label, run_label(r.model, NO_KD)))
+    for model, variant in dict.fromkeys(zip(sub.model, sub.variant)):
+        if variant == "teacher":
+            continue
+        label = run_label(model, variant)
+
+        def add(other: str, label=label, model=model) -> None:
+            if run_label(model, other) in frames:
+                differences.append((label, run_label(model, other)))
+
+        if variant in MAIN_VARIANTS:
+            if "teacher" in frames:
+                differences.append((label, "teacher"))
+            if variant == "tuned":
+                add("baseline")
+            if variant == OPTUNA_BEST:
+                add("tuned")
+            if variant != NO_KD:
+                add(NO_KD)
+        elif (bases or {}).get(variant):
+            add(bases[variant])
     table = paired_intervals(frames, [t1, t2], differences, n_resamples=n_resamples, seed=seed)
     table["reading"] = [("" if kind == "model" else "detectable" if detectable else "no detectable difference")
                         for kind, detectable in zip(table["kind"], table.get("detectable", [None] * len(table)))]
@@ -209,9 +290,9 @@ def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples:
 def interval_markdown(table: pd.DataFrame) -> str:
     shown = pd.DataFrame({
         "Avg F1 of": table["name"],
+        "Seeds": table["seeds"],
         "Estimate": [f"{v:+.3f}" if k == "difference" else f"{v:.3f}" for v, k in zip(table.estimate, table.kind)],
-        f"{100 * LEVEL:.0f}% interval": [f"[{lo:+.3f}, {hi:+.3f}]" if k == "difference" else f"[{lo:.3f}, {hi:.3f}]"
-                                         for lo, hi, k in zip(table.low, table.high, table.kind)],
+        f"{100 * LEVEL:.0f}% interval": [_ci(r) for _, r in table.iterrows()],
         "Reading": table["reading"],
     })
     return shown.to_markdown(index=False, disable_numparse=True)  # keep the signs of differences
@@ -235,7 +316,8 @@ def environment_lines(runs: pd.DataFrame) -> list[str]:
 
 
 def all_runs_table(runs: pd.DataFrame) -> pd.DataFrame:
-    cols = ["dataset", "model", "variant", "backbones", "parameters", "task1_f1", "task2_f1", "avg_f1",
+    """Every run, one row per seed."""
+    cols = ["dataset", "model", "variant", "seed", "backbones", "parameters", "task1_f1", "task2_f1", "avg_f1",
             "task1_acc", "task2_acc", "dev_avg_f1", "best_epoch", "seconds", "n_test"]
     return runs[cols].round(4)
 
@@ -288,20 +370,27 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _run_names(frame: pd.DataFrame) -> list[str]:
+    return [f"{m} [{v}]" for m, v in zip(frame.model, frame.variant)]
+
+
 def plot_f1_per_model(runs: pd.DataFrame, path: Path) -> None:
+    """Test macro-F1 of each model (bars: mean over its seeds; whiskers: their standard deviation)."""
     datasets = runs.dataset.unique()
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 3.2 + 0.45 * len(runs) / len(datasets)), squeeze=False)
+    n_models = max(len(runs[runs.dataset == d][["model", "variant"]].drop_duplicates()) for d in datasets)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, (1.6 + 0.5 * n_models) * len(datasets)), squeeze=False,
+                             layout="constrained")
     for ax, dataset in zip(axes[:, 0], datasets):
         sub = runs[runs.dataset == dataset]
         t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
-        labels = [f"{m} [{v}]" for m, v in zip(sub.model, sub.variant)]
+        labels = _run_names(sub)
         long = pd.DataFrame({"run": labels * 3,
                              "metric": [f"{t1} F1"] * len(sub) + [f"{t2} F1"] * len(sub) + ["avg F1"] * len(sub),
                              "F1": list(sub.task1_f1) + list(sub.task2_f1) + list(sub.avg_f1)})
-        sns.barplot(long, y="run", x="F1", hue="metric", ax=ax)
+        sns.barplot(long, y="run", x="F1", hue="metric", ax=ax, errorbar="sd", capsize=0.2, err_kws={"linewidth": 1})
         ax.set_xlim(0, 1)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="test macro-F1")
-        ax.set_title(f"{dataset}: test macro-F1 per model")
+        ax.set_title(f"{dataset}: test macro-F1 per model (mean over seeds, whiskers ± 1 std where several)")
         ax.set_ylabel("")
     _save(fig, path)
 
@@ -317,29 +406,26 @@ def per_class_table(runs: pd.DataFrame) -> pd.DataFrame:
             precision, recall, f1, support = precision_recall_fscore_support(true, pred, labels=classes,
                                                                              zero_division=0)
             for k, name in enumerate(classes):
-                rows.append({"dataset": r.dataset, "model": r.model, "variant": r.variant, "task": task,
-                             "class": name, "precision": precision[k], "recall": recall[k], "f1": f1[k],
-                             "support": int(support[k])})
+                rows.append({"dataset": r.dataset, "model": r.model, "variant": r.variant,
+                             "seed": getattr(r, "seed", None), "task": task, "class": name,
+                             "precision": precision[k], "recall": recall[k], "f1": f1[k], "support": int(support[k])})
     return pd.DataFrame(rows).round(4)
 
 
 def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
-    """Heat maps of per-class test F1: runs down, classes (with their test support) across, a panel
-    per data set and task."""
-    panels = per_class[["dataset", "task"]].drop_duplicates().itertuples(index=False)
-    panels = list(panels)
-    n_runs = per_class.groupby(["dataset", "task"]).apply(lambda g: g[["model", "variant"]].drop_duplicates().shape[0],
-                                                          include_groups=False).max()
+    """Heat maps of per-class test F1 (mean over seeds): models down, classes (with their test
+    support) across, a panel per data set and task."""
+    panels = list(per_class[["dataset", "task"]].drop_duplicates().itertuples(index=False))
+    n_runs = per_class[["model", "variant"]].drop_duplicates().shape[0]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, (2.2 + 0.38 * n_runs) * len(panels)), squeeze=False,
                              layout="constrained")
     for ax, (dataset, task) in zip(axes[:, 0], panels):
         sub = per_class[(per_class.dataset == dataset) & (per_class.task == task)]
         support = sub.groupby("class")["support"].max()
-        grid = sub.assign(run=[f"{m} [{v}]" for m, v in zip(sub.model, sub.variant)]).pivot_table(
-            index="run", columns="class", values="f1", sort=False)
+        grid = sub.assign(run=_run_names(sub)).pivot_table(index="run", columns="class", values="f1", sort=False)
         grid.columns = [f"{textwrap.fill(c, 14)}\n(n={support[c]})" for c in grid.columns]  # long names wrap
         sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f",
-                    cbar_kws={"label": "test F1"})
+                    cbar_kws={"label": "test F1 (mean over seeds)"})
         ax.set_title(f"{dataset}: per-class test F1, {task}")
         ax.set_xlabel("class (test support)")
         ax.set_ylabel("")
@@ -348,62 +434,182 @@ def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
 
 
 def plot_params_vs_f1(runs: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.scatterplot(runs.assign(params_m=runs.parameters / 1e6), x="params_m", y="avg_f1", hue="variant",
-                    style="dataset", s=90, ax=ax)
-    for _, r in runs.iterrows():
-        ax.annotate(r.model, (r.parameters / 1e6, r.avg_f1), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    """Size against test average macro-F1 (seed means) of the teacher and each student's tuned,
+    baseline, no-KD and Optuna-best models; students by marker, variants by colour."""
+    groups = model_groups(runs[runs.variant.isin(["teacher", *MAIN_VARIANTS])])
+    groups = groups.assign(params_m=groups.parameters / 1e6)
+    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
+    sns.scatterplot(groups, x="params_m", y="avg_f1", hue="variant", style="model", s=90, ax=ax)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("parameters (millions, log scale)")
-    ax.set_ylabel("test average macro-F1")
+    ax.set_ylabel("test average macro-F1 (mean over seeds)")
     ax.set_title("Size vs. accuracy")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     _save(fig, path)
 
 
 def plot_confusions(runs: pd.DataFrame, path: Path) -> None:
-    chosen = runs[runs.variant.isin(["teacher", "tuned"])]
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(10, 3.6 * len(chosen)), squeeze=False)
+    """Test confusion matrices of the teacher and each student's tuned model (its first seed)."""
+    chosen = runs[runs.variant.isin(["teacher", "tuned"])].drop_duplicates(["dataset", "model", "variant"])
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 4.4 * len(chosen)), squeeze=False, layout="constrained")
     for (ax1, ax2), (_, r) in zip(axes, chosen.iterrows()):
         for ax, key, cls, task in ((ax1, "confusion1", r.classes1, r.task1), (ax2, "confusion2", r.classes2, r.task2)):
-            short = [c[:12] for c in cls]
-            sns.heatmap(np.array(r[key]), annot=True, fmt="d", cbar=False, xticklabels=short, yticklabels=short,
-                        cmap="Blues", ax=ax)
-            ax.set_title(f"{r.model} [{r.variant}]: {task}", fontsize=9)
+            names = [textwrap.fill(c, 12) for c in cls]
+            sns.heatmap(np.array(r[key]), annot=True, fmt="d", cbar=False, xticklabels=names, yticklabels=names,
+                        cmap="Blues", ax=ax, annot_kws={"fontsize": 8})
+            seed = "" if r.variant == "teacher" else f", seed {r.seed}"
+            ax.set_title(f"{r.model} [{r.variant}{seed}]: {task}", fontsize=9)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
+            ax.tick_params(axis="x", rotation=0, labelsize=7)
+            ax.tick_params(axis="y", rotation=0, labelsize=7)
     _save(fig, path)
 
 
 def plot_training_curves(runs: pd.DataFrame, path: Path) -> None:
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    for _, r in runs.iterrows():
+    """Dev average macro-F1 and the training cross-entropy (the one loss every run has, unweighted)
+    per epoch: the teacher and each student's tuned and no-KD model (first seed)."""
+    chosen = runs[runs.variant.isin(["teacher", "tuned", NO_KD])].drop_duplicates(["dataset", "model", "variant"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    for _, r in chosen.iterrows():
         h = r.history
         if h is None or h.empty:
             continue
-        label = f"{r.model} [{r.variant}]"
-        ax1.plot(h.epoch, h.dev_avg_f1, marker="o", label=label)
-        ax2.plot(h.epoch, h.train_total, marker="o", label=label)
-    ax1.set(title="dev average macro-F1", xlabel="epoch")
-    ax2.set(title="training loss (total)", xlabel="epoch", yscale="log")
-    ax1.legend(fontsize=7)
+        style = {"linestyle": "--" if r.variant == NO_KD else "-", "marker": "o"}
+        ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]", **style)
+        if "train_ce" in h:
+            ax2.plot(h.epoch, h.train_ce, **style)
+    ax1.set(title="dev average macro-F1", xlabel="epoch", ylabel="macro-F1")
+    ax2.set(title="training cross-entropy (sum of both tasks)", xlabel="epoch", ylabel="cross-entropy")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*ax1.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     _save(fig, path)
 
 
+def plot_loss_drivers(probes: Mapping[str, pd.DataFrame], path: Path) -> None:
+    """What drives the student: each weighted loss term's value and its share of the gradient norm
+    on the student's parameters over training, one row per run (e.g. tuned vs baseline)."""
+    fig, axes = plt.subplots(len(probes), 2, figsize=(12, 3.6 * len(probes)), squeeze=False, layout="constrained")
+    for (ax1, ax2), (name, frame) in zip(axes, probes.items()):
+        terms = list(dict.fromkeys(frame.term))
+        values = frame.pivot_table(index="step", columns="term", values="weighted_value", sort=False)[terms]
+        norms = frame.pivot_table(index="step", columns="term", values="grad_norm", sort=False)[terms]
+        share = norms.div(norms.sum(axis=1), axis=0)
+        for term in terms:
+            ax1.plot(values.index, values[term], marker=".", label=term)
+        ax1.set(yscale="log", title=f"{name}: weighted loss terms", xlabel="training step",
+                ylabel="weight × term (log scale)")
+        ax1.legend(fontsize=8)
+        ax2.stackplot(share.index, share.T.values, labels=terms, alpha=0.85)
+        ax2.set(ylim=(0, 1), title=f"{name}: share of the gradient norm", xlabel="training step",
+                ylabel="‖∇ weighted term‖ / Σ")
+        ax2.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
+def loss_driver_summary(probes: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per run and term: mean weighted value and mean share of the gradient norm over all probes."""
+    rows = []
+    for name, frame in probes.items():
+        share = frame.grad_norm / frame.groupby("step").grad_norm.transform("sum")
+        summary = frame.assign(share=share).groupby("term", sort=False)[["weighted_value", "share"]].mean()
+        rows += [{"run": name, "term": term, "mean weighted value": v.weighted_value, "mean gradient share": v.share}
+                 for term, v in summary.iterrows()]
+    return pd.DataFrame(rows).round(4)
+
+
+def ablation_table(intervals: pd.DataFrame, bases: Mapping[str, str | None]) -> pd.DataFrame:
+    """The ablations (variants compared with their `base:` rather than with the teacher): each one's
+    avg F1 and its difference to the base with the interval."""
+    rows = []
+    models = intervals[intervals.kind == "model"].set_index("name")
+    for r in intervals[intervals.kind == "difference"].itertuples():
+        a, b = r.name.split(" − ")
+        variant = next((v for v in bases if a.endswith(f" {v}") and v not in MAIN_VARIANTS), None)
+        if variant is None or not b.endswith(f" {bases[variant]}"):
+            continue
+        rows.append({"Model": a, "Seeds": int(models.loc[a, "seeds"]), "Avg F1": f"{models.loc[a, 'estimate']:.3f}",
+                     "Compared with": b, "Difference": f"{r.estimate:+.3f}", "95% interval": _ci(r),
+                     "Reading": r.reading})
+    return pd.DataFrame(rows)
+
+
+def masking_table(runs: pd.DataFrame, masked: Mapping[str, str], seed: int = 0,
+                  n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
+    """What masking the label words costs: each model trained on a masked data set (`masked`:
+    {masked data set: the same data unmasked}) against the same model and variant trained on the
+    unmasked one, paired on the shared test images."""
+    rows = []
+    for masked_set, plain_set in masked.items():
+        m, p = runs[runs.dataset == masked_set], runs[runs.dataset == plain_set]
+        if m.empty or p.empty:
+            continue
+        t1, t2 = m.iloc[0]["task1"], m.iloc[0]["task2"]
+        for (backbones, variant), group in m.groupby(["backbones", "variant"], sort=False):
+            twin = p[(p.backbones == backbones) & (p.variant == variant)]
+            if twin.empty:
+                continue
+            table = paired_intervals({"masked": list(group.predictions), "plain": list(twin.predictions)}, [t1, t2],
+                                     [("masked", "plain")], n_resamples=n_resamples, seed=seed).set_index("name")
+            diff = table.loc["masked − plain"]
+            rows.append({"Model": f"{backbones} [{variant}]", "Unmasked": f"{table.loc['plain', 'estimate']:.3f}",
+                         "Masked": f"{table.loc['masked', 'estimate']:.3f}", "Change": f"{diff.estimate:+.3f}",
+                         "95% interval": f"[{diff.low:+.3f}, {diff.high:+.3f}]",
+                         "Reading": "detectable" if diff.detectable else "no detectable difference"})
+    return pd.DataFrame(rows)
+
+
+def gamma_finding(drivers: pd.DataFrame) -> str:
+    """One plain sentence per run on how much of the gradient the CRD term carries."""
+    crd = drivers[drivers.term == "crd"]
+    if crd.empty:
+        return ""
+    parts = [f"{r.run}: γ·CRD averages {r['mean weighted value']:.3g} and carries "
+             f"{100 * r['mean gradient share']:.0f}% of the summed per-term gradient norms" for _, r in crd.iterrows()]
+    ce = drivers[drivers.term == "ce"].set_index("run")["mean gradient share"]
+    dominant = all(r["mean gradient share"] > ce.get(r.run, 1.0) for _, r in crd.iterrows())
+    verdict = ("With these weights the contrastive term, not the KL term that α and T scale, drives the student's "
+               "gradient; α and T, the knobs that separate tuned from baseline, barely steer training."
+               if dominant else "CRD does not dominate the gradient with these weights.")
+    return "; ".join(parts) + ". " + verdict
+
+
 def results_markdown(runs: pd.DataFrame, params: Mapping, hyper: pd.DataFrame, optuna_metrics: Mapping | None,
-                     intervals: Mapping[str, pd.DataFrame] | None = None) -> str:
+                     intervals: Mapping[str, pd.DataFrame] | None = None,
+                     ablations: Mapping[str, pd.DataFrame] | None = None, masking: pd.DataFrame | None = None,
+                     drivers: pd.DataFrame | None = None) -> str:
     lines = ["# Results", "",
              "Regenerated by `dvc repro` from `params.yaml` (stage `report`). F1 = test macro-F1, "
-             "recomputed from the per-sample prediction files under `reports/`.", ""]
+             "recomputed from the per-sample prediction files under `reports/`. A model trained with several "
+             "seeds shows mean ± standard deviation over them; its interval is that of the seed-averaged model.",
+             ""]
     for dataset in runs.dataset.unique():
-        lines += [f"## {dataset}", "", study_table(runs, dataset).to_markdown(index=False), ""]
+        table = study_table(runs, dataset, (intervals or {}).get(dataset))
+        lines += [f"## {dataset}", "", table.to_markdown(index=False), ""]
     lines += ["Improvement: the student's average F1 with the study's tuned hyperparameters relative to the "
-              "same student trained with the study's baseline ones.", ""]
+              "same student trained with the study's baseline ones. vs no-KD: minus the same student trained "
+              "with cross-entropy alone (no teacher), same schedule and seeds.", ""]
     for dataset, table in (intervals or {}).items():
         lines += [f"## How sure: {dataset}", "",
-                  f"Paired bootstrap over the test images ({N_RESAMPLES} resamples, fixed seed): every run is "
+                  f"Paired bootstrap over the test images ({N_RESAMPLES} resamples, fixed seed): every model is "
                   "scored on the same resamples, so a difference's interval reflects how the two models differ "
                   "on the images. Where it contains 0 the difference is not detectable with this test set.", "",
                   interval_markdown(table), ""]
+    for dataset, table in (ablations or {}).items():
+        if len(table):
+            lines += [f"## Ablations: {dataset}", "", "Each variant against the variant it is built from (`base:`).",
+                      "", table.to_markdown(index=False, disable_numparse=True), ""]
+    if masking is not None and len(masking):
+        lines += ["## Caption masking", "", "The label words of `mask_terms` replaced by the tokenizer's mask token "
+                  "in train, dev and test text, against the same model trained on the captions as published.", "",
+                  masking.to_markdown(index=False, disable_numparse=True), ""]
+    if drivers is not None and len(drivers):
+        lines += ["## What drives the student", "", gamma_finding(drivers), "",
+                  drivers.to_markdown(index=False), "", "![what drives the student](loss_drivers.png)", ""]
     lines += environment_lines(runs)
     lines += ["## All runs", "", all_runs_table(runs).to_markdown(index=False), "",
               "## Hyperparameters", "", hyper.to_markdown(index=False), ""]

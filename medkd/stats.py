@@ -63,34 +63,46 @@ def percentile_interval(estimate: float, samples: np.ndarray, level: float = LEV
     return Interval(float(estimate), float(low), float(high))
 
 
-def align(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """The prediction frames in one image order; every frame must hold the same test images."""
-    names = list(frames)
-    reference = set(frames[names[0]]["image_id"])
-    for name in names[1:]:
-        if set(frames[name]["image_id"]) != reference:
-            raise ValueError(f"predictions of {name!r} and {names[0]!r} are not on the same test images")
-    return {name: frame.sort_values("image_id", kind="stable").reset_index(drop=True) for name, frame in frames.items()}
+def align(frames: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]]) -> dict[str, list[pd.DataFrame]]:
+    """Each model's prediction frames (one per seed) in one image order; all must hold the same test images."""
+    runs = {name: [value] if isinstance(value, pd.DataFrame) else list(value) for name, value in frames.items()}
+    names = list(runs)
+    reference = set(runs[names[0]][0]["image_id"])
+    for name in names:
+        if not runs[name]:
+            raise ValueError(f"no predictions for {name!r}")
+        for frame in runs[name]:
+            if set(frame["image_id"]) != reference:
+                raise ValueError(f"predictions of {name!r} and {names[0]!r} are not on the same test images")
+    return {name: [frame.sort_values("image_id", kind="stable").reset_index(drop=True) for frame in seeds]
+            for name, seeds in runs.items()}
 
 
-def paired_intervals(frames: Mapping[str, pd.DataFrame], tasks: Sequence[str],
+def paired_intervals(frames: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]], tasks: Sequence[str],
                      differences: Sequence[tuple[str, str]] = (), n_resamples: int = N_RESAMPLES, seed: int = 0,
                      level: float = LEVEL) -> pd.DataFrame:
     """Average macro-F1 of each model and of each difference `a − b`, with paired bootstrap intervals.
 
-    One row per model, then one per difference: `name`, `estimate`, `low`, `high`, and for
+    A model given several prediction frames (one per training seed) is scored by the mean of its
+    seeds' F1 on each resample: the interval then covers the test images drawn, for the seed-averaged
+    model (the spread over seeds is reported beside it, as a standard deviation).
+    One row per model, then one per difference: `name`, `estimate`, `low`, `high`, `seeds`, and for
     differences `detectable` (the interval excludes 0).
     """
-    frames = align(frames)
-    n = len(next(iter(frames.values())))
+    runs = align(frames)
+    n = len(next(iter(runs.values()))[0])
     weights = resample_weights(n, n_resamples, seed)
     full = np.ones((1, n))
-    samples = {name: avg_f1_resampled(frame, tasks, weights) for name, frame in frames.items()}
-    estimates = {name: float(avg_f1_resampled(frame, tasks, full)[0]) for name, frame in frames.items()}
-    rows = [{"name": name, "kind": "model", **vars(percentile_interval(estimates[name], samples[name], level))}
-            for name in frames]
+
+    def seed_mean(seeds: list[pd.DataFrame], w: np.ndarray) -> np.ndarray:
+        return np.mean([avg_f1_resampled(frame, tasks, w) for frame in seeds], axis=0)
+
+    samples = {name: seed_mean(seeds, weights) for name, seeds in runs.items()}
+    estimates = {name: float(seed_mean(seeds, full)[0]) for name, seeds in runs.items()}
+    rows = [{"name": name, "kind": "model", "seeds": len(runs[name]),
+             **vars(percentile_interval(estimates[name], samples[name], level))} for name in runs]
     for a, b in differences:
         interval = percentile_interval(estimates[a] - estimates[b], samples[a] - samples[b], level)
-        rows.append({"name": f"{a} − {b}", "kind": "difference", **vars(interval),
-                     "detectable": interval.excludes_zero})
+        rows.append({"name": f"{a} − {b}", "kind": "difference", "seeds": min(len(runs[a]), len(runs[b])),
+                     **vars(interval), "detectable": interval.excludes_zero})
     return pd.DataFrame(rows)

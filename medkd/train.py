@@ -60,6 +60,9 @@ class TrainConfig(FromMapping):
     fused_optimizer: bool = True  # one fused AdamW kernel instead of per-tensor updates
     train_by_length: bool = False  # training batches drawn from shuffled pools of similar text length
     compile: bool = False  # torch.compile (inductor) of the training model's forward
+    # Every N steps: each weighted loss term's gradient norm on the model (one extra backward pass per
+    # term on those steps; training itself is unchanged). 0: never. Written to the run's loss_terms.csv.
+    probe_every: Annotated[int, Field(ge=0)] = 0
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # for smoke runs
 
 
@@ -366,14 +369,28 @@ class RunContext:
         return evaluate(self.model, self.data, split, self.tokenizer, self.role, self.cfg, self.device)
 
 
+def probe_terms(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                params: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """{term: (weight × value, L2 norm of its gradient on `params`)} for each weighted term of a
+    step's loss (its graph is kept for the step's own backward pass)."""
+    probed = {}
+    for name, weight in weights.items():
+        weighted = weight * parts[name]
+        grads = torch.autograd.grad(weighted, params, retain_graph=True, allow_unused=True)
+        norms = [g.detach().float().norm() for g in grads if g is not None]
+        probed[name] = (float(weighted.detach()), float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0)
+    return probed
+
+
 def _fit(
     run: RunContext,
     compute_loss: Callable[[dict], dict[str, torch.Tensor]],
     loss_fn: nn.Module,
     train_loader,
     report_epoch: Callable[[int, float], None] | None = None,
-) -> tuple[BestEpoch, list[dict]]:
-    """Train; return the best epoch (by dev average macro-F1) and the per-epoch history.
+) -> tuple[BestEpoch, list[dict], list[dict]]:
+    """Train; return the best epoch (by dev average macro-F1), the per-epoch history and the loss-term
+    probes (`cfg.probe_every`).
 
     With `run.resume`, the state after each epoch (model, optimizer, scheduler, loss state such as
     the CRD memory, every RNG, the loader's shuffling generator, history, best so far) is saved,
@@ -394,16 +411,18 @@ def _fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     best = BestEpoch(-1.0, 0, {}, None)
     history: list[dict] = []
+    probes: list[dict] = []  # loss-term probes (cfg.probe_every)
+    model_params = [p for p in model.parameters() if p.requires_grad]
     saved_epoch = 0
     state = run.resume.load() if run.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
-        history, saved_epoch = state["history"], state["epoch"]
+        history, saved_epoch, probes = state["history"], state["epoch"], state.get("probes", [])
         best = BestEpoch(state["best_score"], state["best_epoch"], state["best_dev"],
                          state["best_state"] if state["best_state"] is not None else state["model"])
         if state["complete"]:
-            return best, history
+            return best, history, probes
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         train_loader.generator.set_state(state["loader_generator"])
@@ -417,6 +436,7 @@ def _fit(
             "optimizer": None if complete else optimizer.state_dict(),
             "scheduler": None if complete else scheduler.state_dict(),
             "loader_generator": train_loader.generator.get_state(), "rng": _rng_states(), "history": history,
+            "probes": probes,
             "best_score": best.score, "best_epoch": best.epoch, "best_dev": best.dev,
             "best_state": None if best.epoch == epoch and not complete else best.state,
         })
@@ -438,6 +458,11 @@ def _fit(
                 n = len(batch["index"])
                 with autocast(device, cfg.bf16):
                     parts = compute_loss(batch)
+                global_step = (epoch - 1) * steps_per_epoch + step
+                if cfg.probe_every and global_step % cfg.probe_every == 0 and is_main():
+                    for term, (value, norm) in probe_terms(parts, loss_fn.weights, model_params).items():
+                        probes.append({"step": global_step, "epoch": epoch, "term": term,
+                                       "weighted_value": value, "grad_norm": norm})
                 optimizer.zero_grad(set_to_none=True)
                 if world > 1:
                     # Each rank's mean, weighted by its share of the global batch: after averaging over
@@ -490,11 +515,11 @@ def _fit(
         raise TrainingInterrupted(f"{run.role} interrupted at epoch {current} of {cfg.epochs}: {saved}") from None
     if run.resume:
         save(cfg.epochs, complete=True)
-    return best, history
+    return best, history, probes
 
 
 def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mapping | None = None,
-            evaluate_test: bool = True) -> RunResult:
+            evaluate_test: bool = True, probes: list[dict] | None = None) -> RunResult:
     """Restore the best weights, evaluate dev/test, write checkpoint, predictions and metrics.
 
     Data-parallel: rank 0 evaluates and writes; every rank returns its results.
@@ -515,11 +540,13 @@ def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mappin
         results[split] = metrics
         atomic_write(out_dir / f"predictions_{split}.csv", lambda p, f=frame: f.to_csv(p, index=False))
     seconds = time.perf_counter() - run.started
-    summary = {"parameters": n_params, "best_epoch": best.epoch, "seconds": round(seconds, 1),
+    summary = {"parameters": n_params, "best_epoch": best.epoch, "seed": run.cfg.seed, "seconds": round(seconds, 1),
                "tasks": list(run.data.vocab.tasks), **results,
                "environment": {**environment(run.device, run.cfg.bf16), "world_size": world_size()}}
     write_json(out_dir / "metrics.json", summary)
     atomic_write(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
+    if probes:
+        atomic_write(out_dir / "loss_terms.csv", lambda p: pd.DataFrame(probes).to_csv(p, index=False))
     broadcast_object((results, seconds))
     barrier()
     return RunResult(ckpt, best.epoch, results["dev"], results.get("test"), history, n_params, seconds)
@@ -550,8 +577,8 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
         out = model(*batch_inputs(batch, "teacher", device, cfg.channels_last))
         return loss_fn(out, None, batch["labels"].to(device))
 
-    best, history = _fit(run, compute_loss, loss_fn, loader)
-    return _finish(run, best, history)
+    best, history, probes = _fit(run, compute_loss, loss_fn, loader)
+    return _finish(run, best, history, probes=probes)
 
 
 def distill_student(
@@ -631,7 +658,7 @@ def distill_student(
         s_out = student(*batch_inputs(batch, "student", device, cfg.channels_last))
         return loss_fn(s_out, t_out, batch["labels"].to(device), index)
 
-    best, history = _fit(run, compute_loss, loss_fn, loader, report_epoch)
+    best, history, probes = _fit(run, compute_loss, loss_fn, loader, report_epoch)
     return _finish(run, best, history, {"loss_config": loss_cfg.to_dict(), "teacher_cache_used": bool(use_cache),
                                         "teacher_used": needs_teacher},
-                   evaluate_test=evaluate_test)
+                   evaluate_test=evaluate_test, probes=probes)

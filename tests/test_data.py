@@ -244,3 +244,35 @@ def test_length_bucketed_loader_draws_from_the_loader_generator(medpix):
     loader.generator.set_state(state)
     assert [b["index"].tolist() for b in loader] == first
     assert sorted(i for b in first for i in b) == list(range(len(dataset)))
+
+
+def test_masking_replaces_exactly_the_listed_words():
+    from medkd.data import mask_words
+    terms = ["CT", "MR", "MRI", "T2", "computed tomography", "diffusion-weighted"]
+    texts = ["Axial CT shows a mass; MRI and ct confirm.",
+             "T2-weighted MR image, no CTA, ACT or MRIs here; T2.",
+             "Computed\n  Tomography and diffusion-weighted imaging; computed tomographies stay."]
+    assert mask_words(texts, terms, "[MASK]") == [
+        "Axial [MASK] shows a mass; [MASK] and [MASK] confirm.",  # any case; MRI is one word, not MR + I
+        "[MASK]-weighted [MASK] image, no CTA, ACT or MRIs here; [MASK].",  # whole words only
+        "[MASK] and [MASK] imaging; computed tomographies stay."]  # phrases across any whitespace
+    assert mask_words(texts, [], "[MASK]") == texts
+
+
+def test_masked_data_shows_each_tokenizer_its_mask_token_in_every_split(medpix):
+    from medkd.data import DataConfig
+    tokenizer = build_tokenizer("tiny-bert")
+    plain = PreparedData.load(DataConfig(name="medpix", root=str(medpix), image_size=16, max_length=24))
+    masked = PreparedData.load(DataConfig(name="medpix", root=str(medpix), image_size=16, max_length=24,
+                                          mask_terms=("head", "abdomen")))
+    assert masked.content_key("train") != plain.content_key("train")  # caches and resumes never mix them
+    for split in ("train", "dev", "test"):
+        ids, _ = masked.dataset(split, {"student": tokenizer}).tokens["student"]
+        plain_ids, _ = plain.dataset(split, {"student": tokenizer}).tokens["student"]
+        words = [r.text.lower() for r in masked.records[split]]
+        has_term = torch.tensor([("head" in w.split() or "abdomen" in w.split()) for w in words])
+        masked_rows = (ids == tokenizer.mask_token_id).any(1)
+        assert has_term.any() and torch.equal(masked_rows, has_term), split
+        assert torch.equal(ids[~has_term], plain_ids[~has_term])  # texts without the words are untouched
+    with pytest.raises(ValueError, match="mask_terms"):
+        DataConfig(name="medpix", root=str(medpix), mask_terms=("ct", " "))

@@ -60,6 +60,9 @@ def test_fixed_projection_mse_matches_hand_computation_and_is_not_trained():
     torch.testing.assert_close(loss(s, t), expected)
     # Same seed, same map: the fixed target is reproducible across runs.
     torch.testing.assert_close(FeatureMSELoss(12, 10, 8, "fixed", seed=3).proj_img.weight, w_img)
+    # An image-only student (no txt_* outputs) aligns its one modality.
+    image_only = {k: v for k, v in s.items() if not k.startswith("txt_")}
+    torch.testing.assert_close(loss(image_only, t), ((s["img_proj"] - t["img_raw"] @ w_img.T) ** 2).mean())
 
 
 def test_learned_projection_is_exposed_to_the_optimizer():

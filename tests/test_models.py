@@ -95,3 +95,22 @@ def test_bad_fusion_config_is_refused():
         tiny_model(fusion_dim=18, heads=4)
     with pytest.raises(ValueError, match="num_classes"):
         tiny_model(num_classes=(2,))
+
+
+@pytest.mark.parametrize("kept", ["image", "text"])
+def test_a_single_modality_model_has_one_backbone_and_ignores_the_other_input(kept, tiny_batch):
+    cfg = ModelConfig(vision="tiny-vit", text="tiny-bert", fusion_dim=16, fusion_heads=2, modalities=(kept,))
+    torch.manual_seed(0)
+    model = build_model(cfg, (2, 5)).eval()
+    both = build_model(ModelConfig(vision="tiny-vit", text="tiny-bert", fusion_dim=16, fusion_heads=2), (2, 5))
+    assert (model.vision is None) == (kept == "text") and (model.text is None) == (kept == "image")
+    assert count_parameters(model) < count_parameters(both)
+    pixels, ids, mask = tiny_batch["pixel_values"], tiny_batch["input_ids"], tiny_batch["attention_mask"]
+    out = model(pixels, ids, mask)
+    present = {"img_raw", "img_proj"} if kept == "image" else {"txt_raw", "txt_proj"}
+    assert set(out) == {"logits_modality", "logits_location", "fused"} | present
+    # The input it does not have cannot move its outputs.
+    other = (torch.rand_like(pixels), ids, mask) if kept == "text" else (pixels, torch.zeros_like(ids), mask)
+    torch.testing.assert_close(model(*other)["fused"], out["fused"])
+    with pytest.raises(ValueError, match="distinct"):
+        ModelConfig(vision="tiny-vit", text="tiny-bert", fusion_heads=2, fusion_dim=16, modalities=("image", "image"))

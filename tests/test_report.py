@@ -14,15 +14,17 @@ from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(dataset, model, variant, f1s, params=1_000_000, tasks=("type", "severity")):
+def _run(dataset, model, variant, f1s, params=1_000_000, tasks=("type", "severity"), seed=42):
     classes = (("A", "B"), ("x", "y", "z"))
-    return {"dataset": dataset, "model": model, "variant": variant, "backbones": "v + t", "parameters": params,
+    return {"dataset": dataset, "model": model, "variant": variant, "seed": seed, "backbones": "v + t",
+            "parameters": params,
             "task1": tasks[0], "task2": tasks[1], "task1_f1": f1s[0], "task2_f1": f1s[1],
             "avg_f1": (f1s[0] + f1s[1]) / 2, "task1_acc": 0.9, "task2_acc": 0.8, "dev_avg_f1": 0.7,
             "best_epoch": 2, "seconds": 12.3, "n_test": 10,
             "confusion1": [[3, 1], [0, 6]], "confusion2": [[2, 0, 0], [1, 3, 0], [0, 0, 4]],
             "classes1": classes[0], "classes2": classes[1],
-            "history": pd.DataFrame({"epoch": [1, 2], "dev_avg_f1": [0.5, 0.7], "train_total": [3.0, 2.0]})}
+            "history": pd.DataFrame({"epoch": [1, 2], "dev_avg_f1": [0.5, 0.7], "train_total": [3.0, 2.0],
+                                    "train_ce": [1.5, 1.0]})}
 
 
 @pytest.fixture
@@ -37,7 +39,8 @@ def runs():
 
 def test_study_table_uses_the_data_sets_task_names_and_relative_improvement(runs):
     table = report.study_table(runs, "wound")
-    assert list(table.columns) == ["Model", "Parameters", "Test Type F1", "Test Severity F1", "Avg F1", "Improvement"]
+    assert list(table.columns) == ["Model", "Parameters", "Seeds", "Test Type F1", "Test Severity F1", "Avg F1",
+                                   "Improvement"]
     assert table["Model"].tolist() == ["Teacher (v + t)", "Student (v + t)", "Student (v + t) [Optuna best]"]
     assert table["Parameters"].tolist() == ["100.00M", "1.00M", "2.00M"]
     assert table["Avg F1"].tolist() == ["**0.850**", "**0.700**", "**0.800**"]
@@ -147,7 +150,7 @@ def test_interval_table_pairs_the_claims_and_says_what_is_not_detectable():
     assert table.loc["s1 tuned − s1 baseline", ["estimate", "low", "high"]].tolist() == [0.5, 0.5, 0.5]
     assert table.loc["s1 tuned − s1 baseline", "reading"] == "detectable"
     markdown = report.interval_markdown(table.reset_index())
-    assert re.search(r"\| s1 tuned − teacher +\| \+0\.000 +\| \[\+0\.000, \+0\.000\] +\| no detectable difference +\|",
+    assert re.search(r"\| s1 tuned − teacher +\| 1 +\| \+0\.000 +\| \[\+0\.000, \+0\.000\] +\| no detectable difference +\|",
                      markdown), markdown
 
 
@@ -183,3 +186,83 @@ def test_results_name_the_environment_and_flag_mixed_ones(runs):
     mixed = runs.assign(environment=[env] * (len(runs) - 1) + [{**env, "cpu_isa": "AVX512_BF16_AMX"}])
     assert "ran in 2 different environments" in "\n".join(report.environment_lines(mixed))
     assert report.environment_lines(runs) == []  # runs from before environments were recorded
+
+
+def test_models_with_several_seeds_show_mean_and_std_and_every_seed_in_all_runs(runs):
+    seeds = pd.DataFrame([_run("wound", "s1", "tuned", (0.9, 0.7), seed=7), _run("wound", "s1", "tuned", (0.7, 0.5),
+                                                                                 seed=8)])
+    table = report.study_table(pd.concat([runs, seeds], ignore_index=True), "wound").set_index("Model")
+    # tuned avg F1 over seeds 42, 7, 8: 0.70, 0.80, 0.60 -> mean 0.70, std 0.10.
+    assert table.loc["Student (v + t)", "Avg F1"] == "**0.700 ± 0.100**"
+    assert table.loc["Student (v + t)", "Seeds"] == 3 and table.loc["Student (v + t)", "Test Type F1"] == "0.800 ± 0.100"
+    assert table.loc["Teacher (v + t)", "Avg F1"] == "**0.850**"
+    all_runs = report.all_runs_table(pd.concat([runs, seeds], ignore_index=True))
+    assert all_runs[all_runs.variant == "tuned"].seed.tolist() == [42, 7, 8]
+
+
+def _predicted(rows, right):
+    """Give each run predictions on 12 test images: `right[k]` of its type labels correct."""
+    ids = [f"i{k}" for k in range(12)]
+    truth = ["A", "B"] * 6
+    for row, n in zip(rows, right):
+        row["predictions"] = pd.DataFrame({"image_id": ids, "type_true": truth, "severity_true": ["x"] * 12,
+                                           "severity_pred": ["x"] * 12,
+                                           "type_pred": truth[:n] + [{"A": "B", "B": "A"}[t] for t in truth[n:]]})
+    return pd.DataFrame(rows)
+
+
+def test_ablations_are_compared_with_their_base_and_interval_tables_with_seeds():
+    runs = _predicted([_run("wound", "Teacher", "teacher", (1, 1)), _run("wound", "s1", "tuned", (1, 1)),
+                       _run("wound", "s1", "tuned", (1, 1), seed=7), _run("wound", "s1", "no-kd", (1, 1)),
+                       _run("wound", "s1", "no-crd", (1, 1))], right=[12, 12, 12, 12, 0])
+    bases = {"tuned": None, "baseline": None, "no-kd": "tuned", "no-crd": "tuned"}
+    table = report.interval_table(runs, "wound", n_resamples=200, bases=bases).set_index("name")
+    assert table.loc["s1 tuned", "seeds"] == 2 and table.loc["s1 no-crd", "seeds"] == 1
+    assert "s1 no-crd − s1 tuned" in table.index and "s1 no-crd − teacher" not in table.index
+    assert "s1 tuned − s1 no-kd" in table.index and "s1 no-kd − s1 tuned" not in table.index
+    # no-crd gets every type wrong: type F1 0, severity F1 1 -> avg 0.5, 0.5 below tuned on every resample.
+    assert table.loc["s1 no-crd − s1 tuned", ["estimate", "low", "high"]].tolist() == [-0.5, -0.5, -0.5]
+    ablations = report.ablation_table(table.reset_index(), bases)
+    assert ablations.to_dict("records") == [{
+        "Model": "s1 no-crd", "Seeds": 1, "Avg F1": "0.500", "Compared with": "s1 tuned", "Difference": "-0.500",
+        "95% interval": "[-0.500, -0.500]", "Reading": "detectable"}]
+
+
+def test_masking_table_pairs_each_model_with_its_unmasked_twin():
+    plain = _predicted([_run("medpix", "Teacher", "teacher", (1, 1)), _run("medpix", "s1", "tuned", (1, 1))],
+                       right=[12, 12])
+    masked = _predicted([_run("medpix-masked", "Teacher", "teacher", (1, 1)),
+                         _run("medpix-masked", "s1-masked", "tuned", (1, 1))], right=[12, 0])
+    table = report.masking_table(pd.concat([plain, masked], ignore_index=True), {"medpix-masked": "medpix"},
+                                 n_resamples=100)
+    assert table[["Model", "Unmasked", "Masked", "Change", "Reading"]].values.tolist() == [
+        ["v + t [teacher]", "1.000", "1.000", "+0.000", "no detectable difference"],
+        ["v + t [tuned]", "1.000", "0.500", "-0.500", "detectable"]]
+
+
+def test_loss_drivers_average_each_terms_value_and_gradient_share(tmp_path):
+    probes = {"s [tuned]": pd.DataFrame({"step": [0, 0, 10, 10], "epoch": 1, "term": ["ce", "crd"] * 2,
+                                         "weighted_value": [2.0, 100.0, 1.0, 50.0],
+                                         "grad_norm": [1.0, 3.0, 1.0, 1.0]})}
+    summary = report.loss_driver_summary(probes).set_index("term")
+    # Shares per step: (1/4, 3/4) then (1/2, 1/2) -> means 0.375 and 0.625.
+    assert summary.loc["crd", ["mean weighted value", "mean gradient share"]].tolist() == [75.0, 0.625]
+    assert summary.loc["ce", "mean gradient share"] == 0.375
+    assert "carries 62% of" in report.gamma_finding(summary.reset_index())
+    assert "drives the student's gradient" in report.gamma_finding(summary.reset_index())
+    report.plot_loss_drivers(probes, tmp_path / "drivers.png")
+    assert (tmp_path / "drivers.png").read_bytes().startswith(PNG)
+
+
+def test_search_history_marks_pruned_trials_and_the_start_up(tmp_path):
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for k in range(5):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        trial.report(0.1 * k, 1)
+        study.tell(trial, 0.1 * k if k != 3 else None,
+                   state=optuna.trial.TrialState.PRUNED if k == 3 else optuna.trial.TrialState.COMPLETE)
+    report.plot_optuna(study, tmp_path, n_startup_trials=2)
+    assert (tmp_path / "optimization_history.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "param_importances.png").read_bytes().startswith(PNG)

@@ -21,7 +21,7 @@ def problems_after(change) -> dict[str, str]:
 
 
 def test_committed_configs_fit_the_schema():
-    for name in ("params.yaml", "configs/ci.yaml", "configs/paper.yaml"):
+    for name in ("params.yaml", "configs/ci.yaml", "configs/paper.yaml", "configs/full.yaml"):
         assert check_params(yaml.safe_load((REPO / name).read_text())) == [], name
 
 
@@ -43,20 +43,20 @@ ONE_PROBLEM = {
     "a student's data set not under data": (
         lambda p: p["students"]["tiny-c"].update(dataset="woundz"),
         {"students.tiny-c.dataset": "'woundz' has no teacher under `teachers:` (did you mean 'wound'?); "
-                                    "teachers: medpix, wound"}),
+                                    "teachers: medpix, medpix-masked, wound"}),
     "a bad baseline fusion, found before anything trains": (
         lambda p: p["distill"]["baseline"]["model"].update(fusion_dim=10),
         {"distill.baseline.model": "fusion_dim=10 is not divisible by fusion_heads=4"}),
     "a typo inside a further variant": (
         lambda p: p["distill"]["no-kd"].update(los=p["distill"]["no-kd"].pop("loss")),
-        {"distill.no-kd.los": "unknown key (did you mean 'loss'?); expected one of: base, model, loss, train"}),
+        {"distill.no-kd.los": "unknown key (did you mean 'loss'?); expected one of: base, students, seeds, model, loss, train"}),
     "a variant based on one that does not exist": (
         lambda p: p["distill"]["no-kd"].update(base="tunde"),
-        {"distill.no-kd.base": "no variant 'tunde' (did you mean 'tuned'?); variants: tuned, baseline, no-kd"}),
+        {"distill.no-kd.base": "no variant 'tunde' (did you mean 'tuned'?); variants: tuned, baseline, no-kd, no-kl, no-mse, no-crd, kl-only, image-only, text-only"}),
     "a typo of a shared distill key is not taken for a variant": (
         lambda p: p["distill"].update(pretrianed=p["distill"].pop("pretrained")),
         {"distill.pretrianed": "unknown key (did you mean 'pretrained'?); expected one of: pretrained, train, "
-                               "or a variant (a mapping of base/model/loss/train)"}),
+                               "or a variant (a mapping of base/students/seeds/model/loss/train)"}),
 }
 
 
@@ -152,12 +152,42 @@ def test_check_params_command(tmp_path):
 
 def test_variants_are_the_entries_of_distill_and_start_from_their_base():
     from medkd.stages.schema import variants
-    assert variants(CI) == ["tuned", "baseline", "no-kd"]
+    assert variants(CI)[:3] == ["tuned", "baseline", "no-kd"]
     tuned_model, _, tuned_train = student_configs(CI, "tiny-a", "tuned")
     model, loss, train = student_configs(CI, "tiny-a", "no-kd")
     assert model == tuned_model and train == tuned_train  # same model and schedule as tuned
     assert loss.weights == {"ce": 1.0} and loss.active_terms == ["ce"]  # no teacher term
     params = copy.deepcopy(CI)
-    params["distill"]["kl-only"] = {"base": "tuned", "loss": {"weights": {"ce": 1.0, "kl": 1.0}}}
-    assert variants(params) == ["tuned", "baseline", "no-kd", "kl-only"] and check_params(params) == []
-    assert student_configs(params, "tiny-a", "kl-only")[1].weights == {"ce": 1.0, "kl": 1.0}
+    params["distill"]["kl-big"] = {"base": "tuned", "loss": {"weights": {"ce": 1.0, "kl": 1.0}}}
+    assert variants(params)[-1] == "kl-big" and check_params(params) == []
+    assert student_configs(params, "tiny-a", "kl-big")[1].weights == {"ce": 1.0, "kl": 1.0}
+
+
+def test_runs_expand_variants_by_their_students_and_seeds():
+    from medkd.stages.schema import Run, student_runs
+    # tiny-a is optuna.student (the primary student): tuned and no-kd on seeds.primary, the
+    # ablations (students: primary) once; the other students take tuned, baseline, no-kd once.
+    assert student_runs(CI, "tiny-a") == [
+        Run("tuned", 42), Run("tuned", 7), Run("baseline", 42), Run("no-kd", 42), Run("no-kd", 7),
+        *(Run(v, 42) for v in ("no-kl", "no-mse", "no-crd", "kl-only", "image-only", "text-only"))]
+    assert student_runs(CI, "tiny-c") == [Run("tuned", 42), Run("baseline", 42), Run("no-kd", 42)]
+    assert Run("no-kd", 7).name == "no-kd/seed-7"
+    # Each run trains with its own seed, everything else from its variant.
+    a, b = (student_configs(CI, "tiny-a", "tuned", seed=s)[2] for s in (42, 7))
+    assert (a.seed, b.seed) == (42, 7) and a.to_dict() | {"seed": 7} == b.to_dict()
+    # Without `seeds:` every run uses the top-level seed.
+    params = copy.deepcopy(CI)
+    del params["seeds"]
+    params["seed"] = 3
+    assert {r.seed for r in student_runs(params, "tiny-a")} == {3}
+    assert student_runs(params, "tiny-a")[:2] == [Run("tuned", 3), Run("baseline", 3)]
+
+
+def test_seed_and_variant_scope_problems_are_named():
+    assert problems_after(lambda p: p["seeds"].update(primary=[])) == {
+        "seeds.primary": "List should have at least 1 item after validation, not 0"}
+    assert set(problems_after(lambda p: p["distill"]["no-kl"].update(students="primry"))) == {"distill.no-kl.students"}
+
+    def no_search(p):
+        del p["optuna"]
+    assert problems_after(no_search)["distill.no-kl.students"].startswith("`primary` names `optuna.student`")

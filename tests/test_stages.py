@@ -18,7 +18,7 @@ from medkd.stages.common import Paths, open_stage
 from medkd.datasets import DataError
 from medkd.stages.distill import distill_stage
 from medkd.stages.prepare import prepare_stage
-from medkd.stages.schema import ParamsError, variants
+from medkd.stages.schema import ParamsError, student_runs
 from medkd.stages.tune import optuna_stage
 from medkd.synthetic import make_synthetic_medpix
 from medkd.train import TrainingInterrupted
@@ -53,14 +53,16 @@ def test_distill_stage_resumes_a_killed_variant_and_keeps_the_finished_one(proje
 
     def interrupt_baseline(*args, **kwargs):
         calls.append(kwargs["resume_path"].name)
-        if "baseline" in kwargs["resume_path"].name and len(calls) == 2:
+        if "baseline" in calls[-1] and calls.count(calls[-1]) == 1:  # the first baseline run, once
             kwargs["report_epoch"] = lambda epoch, score: (_ for _ in ()).throw(KeyboardInterrupt)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(distill_module, "distill_student", interrupt_baseline)
     with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2 of 2: epochs 1-1 are saved"):
         distill_stage(params, "tiny-a", root)
-    assert paths.resume("distill-tiny-a-tuned").exists() and paths.resume("distill-tiny-a-baseline").exists()
+    # Both tuned seeds finished before the baseline run was killed; all three left their state.
+    assert [paths.resume(f"distill-tiny-a-{run}").exists() for run in ("tuned-seed42", "tuned-seed7",
+                                                                       "baseline-seed42")] == [True] * 3
     resumed = distill_stage(params, "tiny-a", root)["summary"]
     for variant in ("tuned", "baseline"):
         for key in ("test_avg_f1", "dev_avg_f1", "parameters"):
@@ -176,7 +178,8 @@ def test_a_distill_stage_runs_data_parallel_under_torchrun(project, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     written = _stage_outputs(paths, "tiny-b")
     assert sorted(written) == sorted(
-        [f"reports/students/tiny-b/{v}/{f}" for v in variants(params) for f in
-         ("metrics.json", "predictions_dev.csv", "predictions_test.csv")] + ["reports/metrics/distill-tiny-b.json"])
+        [f"reports/students/tiny-b/{run.name}/{f}" for run in student_runs(params, "tiny-b") for f in
+         ("metrics.json", "predictions_dev.csv", "predictions_test.csv", "loss_terms.csv")]
+        + ["reports/metrics/distill-tiny-b.json"])
     assert all((root / name).stat().st_mtime >= started for name in written)  # written by this run
     assert not list((paths.state() / "resume").glob("distill-tiny-b-*"))

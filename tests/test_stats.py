@@ -60,3 +60,20 @@ def test_frames_are_paired_by_image_not_by_row_order():
     assert table.set_index("name").loc["x − y", ["low", "high"]].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="not on the same test images"):
         paired_intervals({"x": frame, "z": _frame(true, pred, ids=list("uvwxyz"))}, ["t"])
+
+
+def test_a_model_with_several_seeds_is_scored_by_its_seed_mean_on_each_resample():
+    true = ["a"] * 5 + ["b"] * 5
+    perfect, half = _frame(true, true), _frame(true, ["a"] * 10)
+    table = paired_intervals({"two seeds": [perfect, half], "perfect": perfect, "half": half}, ["t"],
+                             [("perfect", "two seeds")], n_resamples=300, seed=2).set_index("name")
+    # On all images: (1 + 1/3) / 2. On each resample the seed mean lies halfway between the two runs,
+    # so the difference to `perfect` is half of (perfect − half) there: at least 0.25 (see above).
+    assert table.loc["two seeds", "estimate"] == pytest.approx(2 / 3)
+    assert table.loc["two seeds", "seeds"] == 2 and table.loc["perfect", "seeds"] == 1
+    assert table.loc["perfect − two seeds", "estimate"] == pytest.approx(1 / 3)
+    assert table.loc["perfect − two seeds", "low"] >= 0.25
+    alone = paired_intervals({"perfect": perfect, "half": half}, ["t"], [("perfect", "half")], n_resamples=300,
+                             seed=2).set_index("name")
+    assert table.loc["perfect − two seeds", ["low", "high"]].tolist() == pytest.approx(
+        (alone.loc["perfect − half", ["low", "high"]] / 2).tolist())

@@ -358,3 +358,29 @@ def test_dvc_metrics_hold_only_the_numbers_a_person_compares(teacher_run):
     assert set(lean) == {"parameters", "dev_avg_f1", "test_avg_f1", "dev_modality_f1", "dev_location_f1",
                          "test_modality_f1", "test_location_f1"}
     assert lean["test_avg_f1"] == round(full["test"]["avg_f1"], 4) and "seconds" in full
+
+
+def test_probe_gives_each_weighted_terms_gradient_norm():
+    from medkd.train import probe_terms
+    w = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    x = torch.tensor([3.0, 1.0, 2.0])
+    parts = {"a": (w @ x) ** 2, "b": w.sum()}
+    probed = probe_terms(parts, {"a": 2.0, "b": 3.0}, [w])
+    # d/dw 2(w·x)² = 4(w·x)x with w·x = 2; d/dw 3Σw = 3·1.
+    assert probed["a"] == pytest.approx((8.0, float(torch.linalg.vector_norm(8.0 * x))))
+    assert probed["b"] == pytest.approx((-1.5, 3.0 * 3 ** 0.5))
+    assert w.grad is None  # the probe leaves the step's own gradients alone
+
+
+def test_probing_records_loss_terms_and_leaves_training_unchanged(data, teacher_run, tmp_path):
+    loss_cfg = LossConfig(weights={"ce": 1.0, "kl": 0.5, "mse": 10.0})
+    plain = distill_student(data, teacher_run.checkpoint, STUDENT, loss_cfg, FAST, tmp_path / "plain",
+                            cache_path=tmp_path / "cache.pt")
+    probed = distill_student(data, teacher_run.checkpoint, STUDENT, loss_cfg,
+                             TrainConfig(**{**FAST.to_dict(), "probe_every": 2}), tmp_path / "probed",
+                             cache_path=tmp_path / "cache.pt")
+    assert plain.history[0]["train_total"] == probed.history[0]["train_total"]
+    assert plain.dev == probed.dev
+    terms = pd.read_csv(tmp_path / "probed" / "loss_terms.csv")
+    assert list(dict.fromkeys(terms.term)) == ["ce", "kl", "mse"] and (terms.step % 2 == 0).all()
+    assert (terms.grad_norm > 0).all() and not (tmp_path / "plain" / "loss_terms.csv").exists()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import pandas as pd
+
 from medkd.data import PreparedData
 from medkd.datasets import DataError
 from medkd.params import load_params, project_root
@@ -104,3 +106,21 @@ def load_data(params: Mapping, dataset: str, root: Path) -> PreparedData:
             "source), then `dvc repro`"
         )
     return PreparedData.load(cfg)
+
+
+def seed_summary(headline: Mapping) -> dict:
+    """{variant: {<metric>: mean over seeds, <metric>_std (several seeds), seed-<s>: {<metric>: value}}}."""
+    summary: dict = {}
+    for variant in dict.fromkeys(run.variant for run in headline):
+        per_seed = {run.seed: values for run, values in headline.items() if run.variant == variant}
+        frame = pd.DataFrame(per_seed.values())
+        entry = {}
+        for metric in frame.columns:
+            entry[metric] = round(float(frame[metric].mean()), 4)
+            if len(frame) > 1 and metric.endswith("_f1"):
+                entry[f"{metric}_std"] = round(float(frame[metric].std(ddof=1)), 4)
+        if len(per_seed) > 1:
+            entry.update({f"seed-{seed}": values for seed, values in per_seed.items()})
+        entry["seeds"] = len(per_seed)
+        summary[variant] = entry
+    return summary

@@ -14,33 +14,34 @@ from medkd.files import atomic_write, reset_dir, write_text
 from medkd.metrics import load_run
 from medkd.params import project_root
 from medkd.stages.common import Paths
-from medkd.stages.schema import variants
+from medkd.stages.schema import data_config, primary_student, student_runs, variant_bases
 
 
 def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
-    """One row per finished run: teachers, students (each variant), the Optuna best."""
+    """One row per finished run: teachers, students (each variant and seed), the Optuna best (each seed)."""
     rows = []
     for dataset in params.get("teachers", {}):
         run = load_run(paths.teacher_report(dataset))
-        rows.append(_row(dataset, "Teacher", "teacher", run, params["teachers"][dataset]["model"]))
+        rows.append(_row(dataset, "Teacher", "teacher", params.get("seed", 42), run,
+                         params["teachers"][dataset]["model"]))
     for student, spec in params.get("students", {}).items():
-        for variant in variants(params):
-            run_dir = paths.student_report(student) / variant
+        for planned in student_runs(params, student):
+            run_dir = paths.student_report(student) / planned.name
             if run_dir.exists():
-                rows.append(_row(spec["dataset"], student, variant, load_run(run_dir), spec))
-    best_dir = paths.optuna_report() / "best"
-    if best_dir.exists():
-        student = params["optuna"]["student"]
+                rows.append(_row(spec["dataset"], student, planned.variant, planned.seed, load_run(run_dir), spec))
+    student = primary_student(params)
+    for best_dir in sorted((paths.optuna_report() / "best").glob("seed-*"), key=lambda d: int(d.name[5:])):
         spec = params["students"][student]
-        rows.append(_row(spec["dataset"], student, "optuna-best", load_run(best_dir), spec))
+        seed = int(best_dir.name.removeprefix("seed-"))
+        rows.append(_row(spec["dataset"], student, report.OPTUNA_BEST, seed, load_run(best_dir), spec))
     return pd.DataFrame(rows)
 
 
-def _row(dataset: str, name: str, variant: str, run: Mapping, spec: Mapping) -> dict:
+def _row(dataset: str, name: str, variant: str, seed: int, run: Mapping, spec: Mapping) -> dict:
     tasks = run["metrics"]["tasks"]
     test = run["test"]
     return {
-        "dataset": dataset, "model": name, "variant": variant,
+        "dataset": dataset, "model": name, "variant": variant, "seed": seed,
         "backbones": f"{spec['vision']} + {spec['text']}",
         "parameters": run["metrics"]["parameters"],
         "task1": tasks[0], "task2": tasks[1],
@@ -55,6 +56,31 @@ def _row(dataset: str, name: str, variant: str, run: Mapping, spec: Mapping) -> 
     }
 
 
+def masked_pairs(params: Mapping) -> dict[str, str]:
+    """{data set with `mask_terms`: the data set with the same files unmasked}, where both are listed."""
+    configs = {name: data_config(params, name) for name in params.get("data", {})}
+    pairs = {}
+    for name, cfg in configs.items():
+        if cfg.mask_terms:
+            twin = next((other for other, c in configs.items() if not c.mask_terms and c.name == cfg.name
+                         and c.root == cfg.root and c.text_fields == cfg.text_fields), None)
+            if twin:
+                pairs[name] = twin
+    return pairs
+
+
+def loss_term_probes(params: Mapping, paths: Paths, variants: tuple[str, ...] = ("tuned", "baseline")) -> dict:
+    """{"<student> [<variant>]": its loss-term probes} for the primary student's first seed of each variant."""
+    student = primary_student(params)
+    probes = {}
+    for planned in student_runs(params, student) if student else []:
+        name = f"{student} [{planned.variant}]"
+        file = paths.student_report(student) / planned.name / "loss_terms.csv"
+        if planned.variant in variants and name not in probes and file.exists():
+            probes[name] = pd.read_csv(file)
+    return probes
+
+
 def report_stage(params: Mapping, root: Path | None = None) -> dict:
     root = root or project_root()
     paths = Paths(root)
@@ -64,23 +90,35 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     best = json.loads(best_file.read_text()) if best_file.exists() else None
     optuna_file = paths.metrics("optuna")
     optuna_metrics = json.loads(optuna_file.read_text()) if optuna_file.exists() else None
+    seed = params.get("seed", 42)
+    bases = variant_bases(params)
     hyper = report.hyperparameter_table(params, best)
-    tables = {}
-    intervals = {}
+    tables, intervals, ablations = {}, {}, {}
     for dataset in runs.dataset.unique():
-        tables[dataset] = report.study_table(runs, dataset)
-        atomic_write(out / f"table_{dataset}.csv", lambda p, t=tables[dataset]: t.to_csv(p, index=False))
-        intervals[dataset] = report.interval_table(runs, dataset, seed=params.get("seed", 42))
+        intervals[dataset] = report.interval_table(runs, dataset, seed=seed, bases=bases)
         atomic_write(out / f"intervals_{dataset}.csv", lambda p, t=intervals[dataset]: t.to_csv(p, index=False))
+        tables[dataset] = report.study_table(runs, dataset, intervals[dataset])
+        atomic_write(out / f"table_{dataset}.csv", lambda p, t=tables[dataset]: t.to_csv(p, index=False))
+        ablations[dataset] = report.ablation_table(intervals[dataset], bases)
+    masking = report.masking_table(runs, masked_pairs(params), seed=seed)
+    if len(masking):
+        atomic_write(out / "masking.csv", lambda p: masking.to_csv(p, index=False))
     all_runs = report.all_runs_table(runs)
     atomic_write(out / "all_runs.csv", lambda p: all_runs.to_csv(p, index=False))
     atomic_write(out / "hyperparameters.csv", lambda p: hyper.to_csv(p, index=False))
     per_class = report.per_class_table(runs)
     atomic_write(out / "per_class.csv", lambda p: per_class.to_csv(p, index=False))
+    probes = loss_term_probes(params, paths)
+    drivers = report.loss_driver_summary(probes) if probes else None
+    if probes:
+        report.plot_loss_drivers(probes, out / "loss_drivers.png")
+        atomic_write(out / "loss_drivers.csv", lambda p: drivers.to_csv(p, index=False))
     report.plot_f1_per_model(runs, out / "f1_per_model.png")
     report.plot_per_class_f1(per_class, out / "per_class_f1.png")
     report.plot_params_vs_f1(runs, out / "params_vs_f1.png")
     report.plot_confusions(runs, out / "confusion_matrices.png")
     report.plot_training_curves(runs, out / "training_curves.png")
-    write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics, intervals))
-    return {"runs": runs, "tables": tables, "intervals": intervals, "hyper": hyper, "out": out}
+    write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics, intervals,
+                                                           ablations, masking, drivers))
+    return {"runs": runs, "tables": tables, "intervals": intervals, "ablations": ablations, "masking": masking,
+            "drivers": drivers, "hyper": hyper, "out": out}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -58,7 +59,10 @@ def run_stage(notebook: Path, output: Path, parameters: dict, cwd: Path | None =
     started = time.perf_counter()
     with tempfile.NamedTemporaryFile(prefix="medkd-kernel-", suffix=".log", delete=False) as log:
         log_path = log.name
-    km = _QuietKernelManager(kernel_name="python3")
+    # IPC (Unix sockets in a private folder) rather than TCP on localhost: nothing else can connect
+    # to the kernel, and ipykernel has no reason to warn about unencrypted traffic.
+    sockets = tempfile.mkdtemp(prefix="medkd-kernel-")
+    km = _QuietKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
     km.log_path = log_path
     signals = []
 
@@ -94,6 +98,7 @@ def run_stage(notebook: Path, output: Path, parameters: dict, cwd: Path | None =
         for s, handler in previous.items():
             signal.signal(s, handler)
         Path(log_path).unlink(missing_ok=True)
+        shutil.rmtree(sockets, ignore_errors=True)
     print(f"stage done: {output} ({time.perf_counter() - started:.0f} s)", file=out, flush=True)
     return 0
 

@@ -77,6 +77,8 @@ class StudentSection(_Section):
 
 class VariantSection(_Section):
     base: str | None = None  # another variant whose model/loss/train keys this one starts from
+    students: Literal["all", "primary"] = "all"  # primary: only `optuna.student` (ablations)
+    seeds: Literal["default", "primary"] = "default"  # primary: `seeds.primary` on `optuna.student`
     model: Sub = {}
     loss: Sub = {}
     train: Sub = {}
@@ -101,6 +103,53 @@ def variants(params: Mapping) -> list[str]:
     return [*REQUIRED_VARIANTS, *(k for k in distill if k not in shared and k not in REQUIRED_VARIANTS)]
 
 
+VARIANT_KEYS = ("base", "students", "seeds")  # a variant's own keys besides its model/loss/train sections
+
+
+class Run(NamedTuple):
+    """One student training run: a variant's hyperparameters with one seed."""
+
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:  # a file-name stem: reports/students/<student>/<variant>/seed-<seed>
+        return f"{self.variant}/seed-{self.seed}"
+
+
+def variant_bases(params: Mapping) -> dict[str, str | None]:
+    """{variant: the variant it starts from (`base:`), or None}: what an ablation is compared with."""
+    return {name: (params["distill"][name] or {}).get("base") for name in variants(params)}
+
+
+def primary_student(params: Mapping) -> str | None:
+    """The study's primary student: the one Optuna tunes (its comparisons run over several seeds)."""
+    optuna = params.get("optuna")
+    return optuna.get("student") if isinstance(optuna, Mapping) else None
+
+
+def seed_lists(params: Mapping) -> tuple[list[int], list[int]]:
+    """(default seeds, primary seeds) from `seeds:`, defaulting to [seed]."""
+    section = SeedsSection.model_validate(params.get("seeds") or {})
+    default = section.default or [params.get("seed", 42)]
+    return list(default), list(section.primary or default)
+
+
+def student_runs(params: Mapping, student: str) -> list[Run]:
+    """Every run of one student: each variant it takes (`students: all`, or `primary` for the
+    primary student only) with its seeds (`seeds: primary` on the primary student: `seeds.primary`)."""
+    default, primary = seed_lists(params)
+    is_primary = student == primary_student(params)
+    runs = []
+    for variant in variants(params):
+        section = params["distill"][variant] or {}
+        if section.get("students", "all") == "primary" and not is_primary:
+            continue
+        seeds = primary if is_primary and section.get("seeds", "default") == "primary" else default
+        runs.extend(Run(variant, seed) for seed in seeds)
+    return runs
+
+
 def _variant_problems(distill: Mapping) -> list[Problem]:
     """The further variants' own keys (the skeleton lets them through) and their `base:` references."""
     problems = []
@@ -109,7 +158,8 @@ def _variant_problems(distill: Mapping) -> list[Problem]:
     for name in names[len(REQUIRED_VARIANTS):]:
         if not isinstance(distill[name], Mapping):
             problems.append(Problem(f"distill.{name}", f"unknown key{did_you_mean(name, shared)}; expected one of: "
-                                    f"{', '.join(shared)}, or a variant (a mapping of base/model/loss/train)"))
+                                    f"{', '.join(shared)}, or a variant (a mapping of "
+                                    f"{'/'.join(VARIANT_KEYS)}/model/loss/train)"))
             continue
         try:
             section = VariantSection.model_validate(distill[name])
@@ -169,8 +219,16 @@ class OptunaSection(_Section):
     search_space: Annotated[dict[str, Any], Field(min_length=1)]
 
 
+class SeedsSection(_Section):
+    """`seeds:`: the seeds students are trained with (the teacher trains once, with `seed`)."""
+
+    default: Annotated[list[int], Field(min_length=1)] | None = None  # None: [seed]
+    primary: Annotated[list[int], Field(min_length=1)] | None = None  # None: `default`
+
+
 class ParamsFile(_Section):
     seed: int = 42
+    seeds: SeedsSection = SeedsSection()
     runtime: Sub = {}
     data: Annotated[dict[str, Sub], Field(min_length=1)]
     teachers: dict[str, TeacherSection] = {}
@@ -288,11 +346,12 @@ def teacher_configs(params: Mapping, dataset: str) -> tuple[ModelConfig, TrainCo
 
 
 def student_configs(params: Mapping, student: str, variant: str, overrides: Mapping[str, Any] | None = None,
-                    source: str = "overrides") -> tuple[ModelConfig, LossConfig, TrainConfig]:
+                    source: str = "overrides", seed: int | None = None) -> tuple[ModelConfig, LossConfig, TrainConfig]:
     """(ModelConfig, LossConfig, TrainConfig) of one student trained with one variant's hyperparameters.
 
     `overrides`: {key path inside the variant: value}, e.g. {"loss.weights.kl": 0.3, "train.epochs": 2};
-    `source` names where they came from in error messages.
+    `source` names where they came from in error messages. `seed`: the run's training seed (one of
+    `seeds:`); None: the top-level `seed`.
     """
     if student not in (params.get("students") or {}):
         raise ParamsError([Problem(f"students.{student}", "no such student under `students:`")])
@@ -322,7 +381,8 @@ def student_configs(params: Mapping, student: str, variant: str, overrides: Mapp
                                                ("distill", {"pretrained": distill.get("pretrained", True)}),
                                                *layers("model")], home=f"students.{student}")),
         ("loss", lambda: _build(LossConfig, layers("loss"))),
-        ("train", lambda: train_config(params, ("distill.train", distill.get("train")), *layers("train"))),
+        ("train", lambda: train_config(params, ("distill.train", distill.get("train")), *layers("train"),
+                                       ("seeds", {} if seed is None else {"seed": seed}))),
     ):
         try:
             built[name] = build()
@@ -395,6 +455,10 @@ def check_params(params: Any) -> list[Problem]:
         problems.append(Problem("distill", "required key is missing (students are listed)"))
     if isinstance(distill, Mapping):
         problems += _variant_problems(distill)
+        for name in variants(params)[len(REQUIRED_VARIANTS):]:
+            if mapping(distill[name]).get("students") == "primary" and primary_student(params) is None:
+                problems.append(Problem(f"distill.{name}.students", "`primary` names `optuna.student`, "
+                                        "but there is no `optuna:` section"))
     for student, spec in students.items():
         dataset = mapping(spec).get("dataset")
         if isinstance(dataset, str) and dataset not in teachers:

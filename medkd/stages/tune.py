@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -32,8 +33,10 @@ from medkd.data import PreparedData
 from medkd.files import reset_dir, sha256_file, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
-from medkd.stages.common import Paths, load_data
-from medkd.stages.schema import OptunaSection, ParamsError, flatten_search_space, optuna_section, student_configs
+from medkd.stages.common import Paths, load_data, seed_summary
+from medkd.stages.schema import (
+    OptunaSection, ParamsError, Run, flatten_search_space, optuna_section, seed_lists, student_configs,
+)
 from medkd.train import distill_student, load_or_build_teacher_cache, resume_key
 
 JOURNAL_PREFIX = "journal:"
@@ -75,7 +78,17 @@ def resolve_storage(url: str | None, paths: Paths) -> str:
     return url
 
 
+def quiet_optuna() -> None:
+    """Optuna's log through Python logging (no colour codes in rendered notebooks), warnings only;
+    its ExperimentalWarnings (heartbeats, constant liar) say nothing a study's reader needs."""
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
+    quiet_optuna()
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url.removeprefix(JOURNAL_PREFIX))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +163,9 @@ class Search:
         # continues with the remaining trials. Its name carries a fingerprint of everything the trials
         # depend on, so trials of another teacher, data or search space are never mixed in.
         fingerprint = resume_key(section.model_dump(exclude={"n_trials", "storage", "retrain_best", "workers"}),
-                                 params["students"][student], params["distill"], params.get("seed"),
+                                 params["students"][student],
+                                 {k: v for k, v in params["distill"].items() if k in ("pretrained", "train", "tuned")},
+                                 params.get("seed"),
                                  params.get("runtime"), data.content_key("train"),
                                  sha256_file(paths.teacher_checkpoint(dataset)))
         study_name = f"{section.study_name or f'medkd-{student}'}-{fingerprint[:10]}"
@@ -214,7 +229,7 @@ def run_worker(search: Search, worker: int = 0, shared: bool = False, reserve: b
 
         def report_epoch(epoch: int, score: float) -> None:
             trial.report(score, epoch)
-            if trial.should_prune():
+            if epoch < cfg.epochs and trial.should_prune():  # a finished trial keeps its value
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
@@ -228,7 +243,6 @@ def run_worker(search: Search, worker: int = 0, shared: bool = False, reserve: b
             raise
         return result.dev["avg_f1"]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not reserve:
         study.optimize(objective, n_trials=1, gc_after_trial=True, catch=(Exception,))
         return 1
@@ -287,19 +301,23 @@ def collect(search: Search, study: optuna.Study) -> dict:
                                           "dev_avg_f1": best.value, "params": best.params})
     write_json(paths.optuna_models() / "study.json", {"study": search.study_name, "storage": search.storage_url,
                                                       "n_trials": len(study.trials)})
-    report.plot_optuna(study, out)
+    report.plot_optuna(study, out, n_startup_trials=section.n_startup_trials)
     result_metrics = {"best_dev_avg_f1": round(best.value, 4), "n_trials": len(study.trials),
                       "n_complete": sum(t.state == states.COMPLETE for t in study.trials),
                       "n_pruned": sum(t.state == states.PRUNED for t in study.trials),
                       "n_failed": sum(t.state == states.FAIL for t in study.trials)}
-    if section.retrain_best:
-        model_cfg, loss_cfg, cfg = student_configs(search.params, search.student, "tuned", best.params)
-        retrained = distill_student(search.data, paths.teacher_checkpoint(search.dataset), model_cfg, loss_cfg, cfg,
-                                    out / "best", teacher_cache=search.teacher_cache,
-                                    checkpoint_path=paths.optuna_models() / "best.pt",
-                                    resume_path=paths.resume("optuna-best"))
-        paths.clear_resume("optuna-best")
-        result_metrics["best_retrained"] = headline_metrics(json.loads((out / "best" / "metrics.json").read_text()))
-        result_metrics["best_retrained_epochs"] = len(retrained.history)
+    if section.retrain_best:  # on the primary comparison's seeds: compared with `tuned` seed for seed
+        headline = {}
+        for seed in seed_lists(search.params)[1]:
+            run = Run(report.OPTUNA_BEST, seed)
+            model_cfg, loss_cfg, cfg = student_configs(search.params, search.student, "tuned", best.params, seed=seed)
+            print(f"--- retraining the best trial ({best.number}) with seed {seed}")
+            distill_student(search.data, paths.teacher_checkpoint(search.dataset), model_cfg, loss_cfg, cfg,
+                            out / "best" / f"seed-{seed}", teacher_cache=search.teacher_cache,
+                            checkpoint_path=paths.optuna_models() / f"best-seed{seed}.pt",
+                            resume_path=paths.resume(f"optuna-best-seed{seed}"))
+            paths.clear_resume(f"optuna-best-seed{seed}")
+            headline[run] = headline_metrics(json.loads((out / "best" / f"seed-{seed}" / "metrics.json").read_text()))
+        result_metrics["best_retrained"] = seed_summary(headline)[report.OPTUNA_BEST]
     write_json(paths.metrics("optuna"), result_metrics)
     return {"study": study, "trials": trials, "best": best, "metrics": result_metrics}
