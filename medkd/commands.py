@@ -5,6 +5,7 @@ that run the engine outside DVC.
     medkd run-stage NOTEBOOK OUTPUT [-p NAME VALUE]...
     medkd optuna-worker [--storage URL] [--root DIR]
     torchrun --nproc_per_node N -m medkd train {teacher DATASET | student STUDENT}
+    medkd predict MODEL {--image PATH --text CAPTION | --csv FILE} [--out FILE]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed
 from medkd.cli import build_parser, run_command
 from medkd.distributed import init_from_env, is_distributed
 from medkd.params import load_params, project_root
+from medkd.predict import main as predict_main
 from medkd.stages.distill import distill_stage
 from medkd.stages.lifecycle import die_with_parent
 from medkd.stages.schema import ParamsError, validate_params
@@ -75,7 +77,12 @@ def train_command(kind: str, name: str, root: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:  # its own parser (`medkd predict --help`), also `python -m medkd.predict`
+        return predict_main(argv[1:])
     parser, sub = build_parser()
+    sub.add_parser("predict", add_help=False, help="predictions of an exported model (or a checkpoint) for your "
+                                                   "own images and captions; `medkd predict --help`")
     worker = sub.add_parser("optuna-worker", help="join the Optuna study of params.yaml and run trials until it has "
                                                   "optuna.n_trials (one or several machines on one storage)")
     worker.add_argument("--storage", default=None,

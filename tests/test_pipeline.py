@@ -58,6 +58,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     params = yaml.safe_load((root / "params.yaml").read_text())
     stages = [f"prepare@{d}" for d in params["data"]] + [f"teacher@{d}" for d in params["teachers"]]
     stages += [f"distill@{s}" for s in params["students"]] + ["optuna", "report"]
+    stages += [f"export-teacher@{d}" for d in params["teachers"]] + [f"export@{s}" for s in params["students"]]
     assert "Running stage 'check'" in log and "params.yaml: OK" in log
     for stage in stages:
         assert f"Running stage '{stage}'" in log
@@ -71,10 +72,11 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), name
     for item in ("results.md", "table_medpix.csv", "table_wound.csv", "hyperparameters.csv", "intervals_medpix.csv",
                  "per_class.csv", "masking.csv", "loss_drivers.csv", "loss_drivers.png", "per_class_f1.png",
-                 "f1_per_model.png", "params_vs_f1.png", "confusion_matrices.png", "training_curves.png"):
+                 "f1_per_model.png", "params_vs_f1.png", "confusion_matrices.png", "training_curves.png",
+                 "deployment.csv", "latency_vs_f1.png"):
         assert (root / "reports" / "results" / item).stat().st_size > 0, item
     results = (root / "reports" / "results" / "results.md").read_text()
-    for section in ("## Ablations: medpix", "## Caption masking", "## What drives the student", "± "):
+    for section in ("## Ablations: medpix", "## Caption masking", "## What drives the student", "## Deployment", "± "):
         assert section in results, section
     # The primary student's comparison over seeds.primary, the others once; the search best retrained on them.
     all_runs = pd.read_csv(root / "reports" / "results" / "all_runs.csv")
@@ -82,6 +84,14 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     assert seeds[("tiny-a", "tuned")] == seeds[("tiny-a", "no-kd")] == seeds[("tiny-a", "optuna-best")] == [7, 42]
     assert seeds[("tiny-b", "tuned")] == seeds[("tiny-a", "no-crd")] == [42]
     assert ("tiny-b", "no-crd") not in seeds.index
+    # Every model exported with its preprocessing, and the export is what `medkd predict` runs.
+    for model in ["teacher-medpix", "teacher-wound", *params["students"]]:
+        folder = root / "models" / "export" / model
+        assert {p.name for p in folder.iterdir()} == {"model.onnx", "model.int8.onnx", "preprocessing.json", "tokenizer"}
+        assert json.loads((root / "reports" / "export" / model / "deployment.json").read_text())["parity"][
+            "predictions_identical"]
+    assert json.loads((root / "models" / "export" / "tiny-a-masked" / "preprocessing.json").read_text())["text"][
+        "mask_terms"][:2] == ["CT", "MR"]
     assert (root / "reports" / "optuna" / "optimization_history.png").exists()
     assert (root / "reports" / "data" / "wound" / "manifest_test.csv").exists()
     assert (root / "models" / "medpix" / "teacher_cache.pt").exists()
@@ -164,11 +174,11 @@ def test_changing_one_student_reruns_only_it_and_the_report(pipeline):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _run(["dvc", "status"], root)
     changed = {line.strip().rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
-    assert changed == {"check", "distill@tiny-b", "report"}, status
+    assert changed == {"check", "distill@tiny-b", "export@tiny-b", "report"}, status
     done = _repro(root)
     assert done.returncode == 0, done.stdout + done.stderr
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"check", "distill@tiny-b", "report"}, done.stdout
+    assert ran == {"check", "distill@tiny-b", "export@tiny-b", "report"}, done.stdout
     assert "stage done: reports/notebooks/distill-tiny-b.ipynb" in done.stdout + done.stderr
     (root / "params.yaml").write_text(original)
 

@@ -46,6 +46,15 @@ class Paths:
     def plot(self, name: str) -> Path:
         return self.root / "reports" / "plots" / f"{name}.csv"
 
+    def export_model(self, model: str) -> Path:
+        return self.root / "models" / "export" / model
+
+    def export_reports(self) -> Path:
+        return self.root / "reports" / "export"
+
+    def export_report(self, model: str) -> Path:
+        return self.export_reports() / model
+
     def optuna_report(self) -> Path:
         return self.root / "reports" / "optuna"
 

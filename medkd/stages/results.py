@@ -113,12 +113,17 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     if probes:
         report.plot_loss_drivers(probes, out / "loss_drivers.png")
         atomic_write(out / "loss_drivers.csv", lambda p: drivers.to_csv(p, index=False))
+    deployments = [json.loads(f.read_text()) for f in sorted(paths.export_reports().glob("*/deployment.json"))]
+    deployment = report.deployment_table(deployments) if deployments else None
+    if deployments:
+        atomic_write(out / "deployment.csv", lambda p: deployment.to_csv(p, index=False))
+        report.plot_latency_vs_f1(deployments, out / "latency_vs_f1.png")
     report.plot_f1_per_model(runs, out / "f1_per_model.png")
     report.plot_per_class_f1(per_class, out / "per_class_f1.png")
     report.plot_params_vs_f1(runs, out / "params_vs_f1.png")
     report.plot_confusions(runs, out / "confusion_matrices.png")
     report.plot_training_curves(runs, out / "training_curves.png")
     write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics, intervals,
-                                                           ablations, masking, drivers))
+                                                           ablations, masking, drivers, deployment))
     return {"runs": runs, "tables": tables, "intervals": intervals, "ablations": ablations, "masking": masking,
-            "drivers": drivers, "hyper": hyper, "out": out}
+            "drivers": drivers, "deployment": deployment, "hyper": hyper, "out": out}

@@ -226,9 +226,27 @@ class SeedsSection(_Section):
     primary: Annotated[list[int], Field(min_length=1)] | None = None  # None: `default`
 
 
+class ExportSection(_Section):
+    """`export:`: which run of each student the export stages ship, and how they measure it."""
+
+    variant: str = "tuned"  # each student's run of this variant (its first seed); teachers as they are
+    latency_runs: Annotated[int, Field(ge=1)] = 200  # batch-1 calls timed per setting, after the warm-up
+    warmup: Annotated[int, Field(ge=0)] = 20
+    threads: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2]  # ONNX Runtime intra-op
+    throughput_batch: Annotated[int, Field(ge=2)] = 32
+    int8: bool = True  # also a dynamically quantized int8 model: its size, latency and test F1
+
+    @model_validator(mode="after")
+    def _one_thread(self):
+        if 1 not in self.threads:
+            raise ValueError("threads must include 1 (the deployment table's single-thread latency)")
+        return self
+
+
 class ParamsFile(_Section):
     seed: int = 42
     seeds: SeedsSection = SeedsSection()
+    export: ExportSection = ExportSection()
     runtime: Sub = {}
     data: Annotated[dict[str, Sub], Field(min_length=1)]
     teachers: dict[str, TeacherSection] = {}
@@ -393,6 +411,10 @@ def student_configs(params: Mapping, student: str, variant: str, overrides: Mapp
     return built["model"], built["loss"], built["train"]
 
 
+def export_section(params: Mapping) -> ExportSection:
+    return ExportSection.model_validate(params.get("export") or {})
+
+
 def optuna_section(params: Mapping) -> OptunaSection:
     return OptunaSection.model_validate(params["optuna"])
 
@@ -467,6 +489,15 @@ def check_params(params: Any) -> list[Problem]:
         if isinstance(distill, Mapping):
             for variant in variants(params):
                 collect(student_configs, params, student, variant)
+    export = params.get("export")
+    if isinstance(export, Mapping) and isinstance(distill, Mapping) and "variant" in export:
+        if export["variant"] not in variants(params):
+            problems.append(Problem("export.variant", f"no variant {export['variant']!r} under `distill:`"
+                                    f"{did_you_mean(str(export['variant']), variants(params))}; "
+                                    f"variants: {', '.join(variants(params))}"))
+        elif (distill[export["variant"]] or {}).get("students") == "primary":
+            problems.append(Problem("export.variant", f"{export['variant']!r} runs on the primary student only; "
+                                    "every student needs a run to export"))
     if isinstance(params.get("optuna"), Mapping) and isinstance(distill, Mapping):
         problems += _optuna_problems(params, params["optuna"], students, teachers)
     return list(dict.fromkeys(problems))

@@ -1,0 +1,277 @@
+"""Deployment: a trained model as a self-contained ONNX folder, checked against PyTorch and measured.
+
+`export_model` writes one folder with everything needed to run the model without this
+repository's training code:
+
+- `model.onnx`: the whole classifier in fp32. Inputs `pixel_values` (B, 3, S, S) float32 in
+  [0, 1] (the backbone's normalisation is inside the graph), `input_ids` and `attention_mask`
+  (B, L) int64; outputs `logits_<task>` (B, classes) for both tasks. Batch and sequence axes are
+  dynamic. Exported with PyTorch's own exporter (`torch.onnx.export(dynamo=True)`), checked with
+  `onnx.checker`.
+- `model.int8.onnx`: the same graph with int8 weights for its matrix products (ONNX Runtime's
+  dynamic quantization; convolutions stay fp32, ONNX Runtime's integer convolutions being slow on
+  CPU).
+- `preprocessing.json`: how an image and a caption become those inputs (image size and resize,
+  scaling, token length, the tokenizer's files and fingerprint) and the tasks' class names.
+- `tokenizer/`: the tokenizer's own files (`transformers.AutoTokenizer.from_pretrained` reads them).
+
+`check_parity`, `latency` and `deployment_report` measure the export on real test samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from medkd.data import MultimodalDataset, make_loader
+from medkd.files import write_json
+from medkd.models import TASK_LOGITS, ModelConfig
+
+FORMAT = "medkd-onnx-1"  # preprocessing.json's `format`, and the ONNX file's metadata
+FP32, INT8 = "model.onnx", "model.int8.onnx"
+PREPROCESSING, TOKENIZER_DIR = "preprocessing.json", "tokenizer"
+ROLE = "model"  # the token role of an exported model's inputs
+PARITY_TOLERANCE = 1e-4  # max |logit difference| between PyTorch eager fp32 and ONNX Runtime
+
+
+class ExportError(RuntimeError):
+    """An export that is not faithful (parity) or a folder that is not one of ours."""
+
+
+class _Logits(nn.Module):
+    """The classifier with the exported interface: three tensors in, the two tasks' logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        out = self.model(pixel_values, input_ids, attention_mask)
+        return out[TASK_LOGITS[0]], out[TASK_LOGITS[1]]
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """sha256 over a saved tokenizer's files (names and bytes): a different vocabulary, a different id."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\x00" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def preprocessing(model_cfg: ModelConfig, tasks: Sequence[str], classes: Sequence[Sequence[str]],
+                  image_size: int, max_length: int, tokenizer_sha256: str, mask_terms: Sequence[str] = ()) -> dict:
+    return {
+        "format": FORMAT,
+        "inputs": {"pixel_values": "float32 (B, 3, S, S) in [0, 1]", "input_ids": "int64 (B, L)",
+                   "attention_mask": "int64 (B, L)"},
+        "image": {"size": image_size, "mode": "RGB (8-bit grayscale is converted to RGB)",
+                  "resize": "PIL bilinear to size x size, aspect ratio not kept", "scale": "uint8 / 255",
+                  "normalisation": "inside the model"},
+        "text": {"tokenizer": TOKENIZER_DIR, "tokenizer_sha256": tokenizer_sha256, "max_length": max_length,
+                 "truncation": True, "empty_text": "refused", "mask_terms": list(mask_terms),
+                 "masking": "whole words, any case, replaced by the tokenizer's mask token"},
+        "tasks": list(tasks), "classes": {t: list(c) for t, c in zip(tasks, classes)},
+        "outputs": [f"logits_{t}" for t in tasks],
+        "backbones": {"vision": model_cfg.vision, "text": model_cfg.text, "modalities": list(model_cfg.modalities)},
+    }
+
+
+def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, example: Mapping[str, torch.Tensor],
+                 tasks: Sequence[str], classes: Sequence[Sequence[str]], image_size: int, max_length: int,
+                 out_dir: Path, int8: bool = True, mask_terms: Sequence[str] = ()) -> Path:
+    """Write the ONNX folder (see the module's docstring) for a trained classifier; returns it.
+
+    `example`: a batch of at least two real samples (its shapes are not baked in: batch and
+    sequence axes are dynamic). The folder is written whole or not at all.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        wrapped = _Logits(model.float()).eval()
+        inputs = (example["pixel_values"].float(), example["input_ids"], example["attention_mask"])
+        batch, sequence = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
+        outputs = [f"logits_{t}" for t in tasks]
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(
+                wrapped, inputs, dynamo=True, input_names=["pixel_values", "input_ids", "attention_mask"],
+                output_names=outputs, dynamic_shapes=({0: batch}, {0: batch, 1: sequence}, {0: batch, 1: sequence}),
+                optimize=True, verbose=False, report=False)
+        program.save(str(staging / FP32), external_data=False)
+        _stamp_and_check(staging / FP32, tasks)
+        if int8:
+            with _quiet():
+                quantize_int8(staging / FP32, staging / INT8)
+            _stamp_and_check(staging / INT8, tasks)
+        spec = preprocessing(model_cfg, tasks, classes, image_size, max_length,
+                             tokenizer_fingerprint(staging / TOKENIZER_DIR), mask_terms)
+        write_json(staging / PREPROCESSING, spec)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's and quantizer's progress chatter stays out of the stage's notebook; it is shown
+    if they fail."""
+    captured = io.StringIO()
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        print(captured.getvalue()[-5000:])
+        raise
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _stamp_and_check(path: Path, tasks: Sequence[str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"medkd_format": FORMAT, "medkd_tasks": ",".join(tasks)})
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of the matrix products (weights int8, activations quantized per batch)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer re-runs ONNX shape inference, which can disagree with the exporter's recorded
+    # intermediate shapes (value_info); it needs none of them.
+    proto = onnx.load(str(source))
+    del proto.graph.value_info[:]
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "plain.onnx"
+        onnx.save(proto, str(plain))
+        quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+
+
+# --------------------------------------------------------------------------- running an export
+
+
+def read_preprocessing(folder: Path) -> dict:
+    """The folder's preprocessing.json, refused unless it is one of ours."""
+    file = Path(folder) / PREPROCESSING
+    if not file.exists():
+        raise ExportError(f"{folder} is not a medkd export: no {PREPROCESSING} (make one with the export stage)")
+    try:
+        spec = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ExportError(f"{file}: format {spec.get('format') if isinstance(spec, dict) else None!r}, "
+                          f"expected {FORMAT!r}: not a medkd export, or one of another version")
+    return spec
+
+
+def session(path: Path, threads: int = 1):
+    """An ONNX Runtime CPU session with `threads` intra-op threads (one inter-op thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings and up only
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ExportError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
+
+
+def onnx_inputs(batch: Mapping[str, torch.Tensor], role: str = ROLE) -> dict[str, np.ndarray]:
+    return {"pixel_values": batch["pixel_values"].float().numpy(),
+            "input_ids": batch[f"input_ids_{role}"].numpy().astype(np.int64),
+            "attention_mask": batch[f"attention_mask_{role}"].numpy().astype(np.int64)}
+
+
+def eager_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], role: str = ROLE) -> list[np.ndarray]:
+    with torch.inference_mode():
+        out = model(batch["pixel_values"].float(), batch[f"input_ids_{role}"], batch[f"attention_mask_{role}"])
+    return [out[k].float().numpy() for k in TASK_LOGITS]
+
+
+@dataclass
+class Scored:
+    """Logits of both tasks over a split, and the split's labels."""
+
+    logits: list[np.ndarray]
+    labels: np.ndarray
+
+    def avg_f1(self) -> float:
+        return float(np.mean([f1_score(self.labels[:, t], self.logits[t].argmax(1), average="macro")
+                              for t in range(len(self.logits))]))
+
+
+def score(run: Callable[[Mapping], list[np.ndarray]], dataset: MultimodalDataset, batch_size: int = 32) -> Scored:
+    parts, labels = [[], []], []
+    for batch in make_loader(dataset, batch_size, shuffle=False):
+        for t, logits in enumerate(run(batch)):
+            parts[t].append(logits)
+        labels.append(batch["labels"].numpy())
+    return Scored([np.concatenate(p) for p in parts], np.concatenate(labels))
+
+
+def check_parity(eager: Scored, exported: Scored, tolerance: float = PARITY_TOLERANCE) -> dict:
+    """Max |Δlogit| and whether every predicted class agrees; an ExportError if either fails."""
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(eager.logits, exported.logits))
+    same = all(np.array_equal(a.argmax(1), b.argmax(1)) for a, b in zip(eager.logits, exported.logits))
+    result = {"max_abs_logit_diff": worst, "predictions_identical": same, "n": int(len(eager.labels)),
+              "tolerance": tolerance}
+    if worst > tolerance or not same:
+        raise ExportError(f"ONNX export is not faithful: max |Δlogit| {worst:.2e} (tolerance {tolerance:.0e}), "
+                          f"predicted classes {'identical' if same else 'differ'} on {result['n']} test samples")
+    return result
+
+
+def latency(run: Callable[[Mapping], object], batches: Sequence[Mapping], runs: int = 200,
+            warmup: int = 20) -> dict:
+    """Per-call latency (ms) over `runs` calls after `warmup`, cycling through `batches` (real samples)."""
+    for k in range(warmup):
+        run(batches[k % len(batches)])
+    times = []
+    for k in range(runs):
+        batch = batches[k % len(batches)]
+        start = time.perf_counter()
+        run(batch)
+        times.append(1000 * (time.perf_counter() - start))
+    quantiles = statistics.quantiles(times, n=100, method="inclusive")
+    return {"p50_ms": round(statistics.median(times), 3), "p95_ms": round(quantiles[94], 3), "runs": runs}
+
+
+def throughput(run: Callable[[Mapping], object], batches: Sequence[Mapping]) -> float:
+    """Samples per second over `batches` after one warm-up batch."""
+    run(batches[0])
+    start, seen = time.perf_counter(), 0
+    for batch in batches:
+        run(batch)
+        seen += len(batch["index"])
+    return round(seen / (time.perf_counter() - start), 2)
+
+
+def file_mb(path: Path) -> float:
+    return round(Path(path).stat().st_size / 2**20, 2)

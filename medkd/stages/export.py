@@ -1,0 +1,106 @@
+"""Stages `export-teacher@<dataset>` and `export@<student>`: a trained model as an ONNX folder
+(`medkd.export`), its parity with PyTorch on the whole test split, its CPU latency, size and
+int8 cost, measured on real test samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from medkd import export
+from medkd.data import make_loader
+from medkd.files import reset_dir, write_json
+from medkd.models import ModelConfig, count_parameters
+from medkd.params import project_root
+from medkd.stages.common import Paths, load_data
+from medkd.stages.schema import export_section, student_runs
+from medkd.train import load_checkpoint
+
+TEACHER_PREFIX = "teacher-"  # export stage models: "teacher-<dataset>" or a student's name
+
+
+def deployed_checkpoint(params: Mapping, paths: Paths, model: str) -> tuple[Path, str, str]:
+    """(checkpoint, data set, what it is) of an export stage's model: a teacher, or a student's run of
+    `export.variant` with its first seed."""
+    if model.startswith(TEACHER_PREFIX) and model.removeprefix(TEACHER_PREFIX) in params.get("teachers", {}):
+        dataset = model.removeprefix(TEACHER_PREFIX)
+        return paths.teacher_checkpoint(dataset), dataset, "teacher"
+    variant = export_section(params).variant
+    run = next(r for r in student_runs(params, model) if r.variant == variant)
+    return paths.student_checkpoint(model, run.name), params["students"][model]["dataset"], run.name
+
+
+def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
+    root = root or project_root()
+    paths = Paths(root)
+    section = export_section(params)
+    checkpoint, dataset, run = deployed_checkpoint(params, paths, model)
+    data = load_data(params, dataset, root)
+    classifier, payload = load_checkpoint(checkpoint)
+    classifier = classifier.float().eval()
+    for key in ("image_size", "max_length", "mask_terms"):  # the test split is read as the model was trained
+        trained, now = payload["data"].get(key), getattr(data.config, key)
+        if (list(trained) if isinstance(trained, (list, tuple)) else trained) != (
+                list(now) if isinstance(now, tuple) else now):
+            raise export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
+                                     f"params.yaml now says {now!r}: re-run its training stage first")
+    model_cfg = ModelConfig.from_dict(payload["model_config"])
+    tokenizer = model_cfg.tokenizer()
+    test = data.dataset("test", {export.ROLE: tokenizer})
+    batches = list(make_loader(test, section.throughput_batch, shuffle=False))
+    singles = list(make_loader(test, 1, shuffle=False))
+    example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{export.ROLE}"],
+               "attention_mask": batches[0][f"attention_mask_{export.ROLE}"]}
+    folder = export.export_model(classifier, model_cfg, tokenizer, example, data.vocab.tasks, data.vocab.classes,
+                                 data.config.image_size, data.config.max_length, paths.export_model(model),
+                                 int8=section.int8, mask_terms=data.config.mask_terms)
+
+    def ort(session):
+        return lambda batch: session.run(None, export.onnx_inputs(batch))
+
+    sessions = {t: export.session(folder / export.FP32, t) for t in section.threads}
+    eager = export.score(lambda b: export.eager_logits(classifier, b), test)
+    fp32 = export.score(ort(sessions[max(section.threads)]), test)
+    parity = export.check_parity(eager, fp32)
+    timing = dict(runs=section.latency_runs, warmup=section.warmup)
+    result = {
+        "model": model, "run": run, "checkpoint": str(checkpoint.relative_to(root)),
+        "backbones": f"{model_cfg.vision} + {model_cfg.text}", "parameters": count_parameters(classifier),
+        "n_test": len(test), "parity": parity,
+        "fp32": {"mb": export.file_mb(folder / export.FP32), "avg_f1": round(fp32.avg_f1(), 4),
+                 **{f"latency_{t}_thread{'s' if t > 1 else ''}": export.latency(ort(sessions[t]), singles, **timing)
+                    for t in section.threads},
+                 f"throughput_batch{section.throughput_batch}_per_s": export.throughput(
+                     ort(sessions[max(section.threads)]), batches)},
+        "eager_avg_f1": round(eager.avg_f1(), 4),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result["torch_eager"] = {"latency_1_thread": export.latency(
+            lambda b: export.eager_logits(classifier, b), singles, **timing)}
+    finally:
+        torch.set_num_threads(threads)
+    if section.int8:
+        int8 = export.session(folder / export.INT8, 1)
+        result["int8"] = {"mb": export.file_mb(folder / export.INT8),
+                          "avg_f1": round(export.score(ort(int8), test).avg_f1(), 4),
+                          "latency_1_thread": export.latency(ort(int8), singles, **timing)}
+        result["int8"]["avg_f1_change"] = round(result["int8"]["avg_f1"] - result["fp32"]["avg_f1"], 4)
+    report_dir = reset_dir(paths.export_report(model))
+    write_json(report_dir / "deployment.json", result)
+    write_json(paths.metrics(f"export-{model}"), lean_metrics(result))
+    return {"result": result, "folder": folder}
+
+
+def lean_metrics(result: Mapping) -> dict:
+    """The numbers a person compares across runs with `dvc metrics diff`."""
+    lean = {"parameters": result["parameters"], "fp32_mb": result["fp32"]["mb"], "fp32_avg_f1": result["fp32"]["avg_f1"],
+            "fp32_p50_ms_1_thread": result["fp32"]["latency_1_thread"]["p50_ms"],
+            "max_abs_logit_diff": result["parity"]["max_abs_logit_diff"]}
+    if "int8" in result:
+        lean.update(int8_mb=result["int8"]["mb"], int8_avg_f1=result["int8"]["avg_f1"],
+                    int8_p50_ms_1_thread=result["int8"]["latency_1_thread"]["p50_ms"])
+    return lean

@@ -1,0 +1,214 @@
+"""ONNX export, its parity with PyTorch, the measurements, and `medkd predict` on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from medkd import export
+from medkd.data import DataConfig, PreparedData
+from medkd.models import ModelConfig, build_model
+from medkd.predict import main as predict_main
+from medkd.synthetic import make_synthetic_medpix
+from medkd.train import load_checkpoint, save_checkpoint
+
+CFG = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, fusion_heads=2, dropout=0.1)
+MASK = ("ct", "mr")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny classifier (random weights) saved as a checkpoint and exported, with its data."""
+    tmp = tmp_path_factory.mktemp("export")
+    root = make_synthetic_medpix(tmp / "medpix", sizes=(12, 4, 10), image_size=32)
+    data = PreparedData.load(DataConfig("medpix", str(root), image_size=32, max_length=24, mask_terms=MASK))
+    torch.manual_seed(0)
+    model = build_model(CFG, data.vocab.num_classes).eval()
+    checkpoint = tmp / "model.pt"
+    save_checkpoint(checkpoint, model, CFG, data.vocab, data)
+    tokenizer = CFG.tokenizer()
+    test = data.dataset("test", {export.ROLE: tokenizer})
+    batch = test.collate(list(range(4)))
+    example = {"pixel_values": batch["pixel_values"], "input_ids": batch[f"input_ids_{export.ROLE}"],
+               "attention_mask": batch[f"attention_mask_{export.ROLE}"]}
+    folder = export.export_model(model, CFG, tokenizer, example, data.vocab.tasks, data.vocab.classes, 32, 24,
+                                 tmp / "exported", mask_terms=MASK)
+    return {"tmp": tmp, "data": data, "model": model, "checkpoint": checkpoint, "folder": folder, "test": test}
+
+
+def test_export_folder_is_self_describing_and_checked(trained):
+    folder = trained["folder"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.int8.onnx", "model.onnx", "preprocessing.json",
+                                                        "tokenizer"]
+    spec = export.read_preprocessing(folder)
+    assert spec["format"] == export.FORMAT and spec["image"]["size"] == 32 and spec["text"]["max_length"] == 24
+    assert spec["classes"] == {t: list(c) for t, c in zip(trained["data"].vocab.tasks, trained["data"].vocab.classes)}
+    assert spec["text"]["mask_terms"] == list(MASK)
+    assert spec["text"]["tokenizer_sha256"] == export.tokenizer_fingerprint(folder / "tokenizer")
+    import onnx
+    for name in ("model.onnx", "model.int8.onnx"):
+        proto = onnx.load(str(folder / name))
+        onnx.checker.check_model(proto)
+        assert {p.key: p.value for p in proto.metadata_props}["medkd_format"] == export.FORMAT
+        assert [o.name for o in proto.graph.output] == ["logits_modality", "logits_location"]
+    assert not list(trained["tmp"].glob(".exported-*"))  # no staging folder left behind
+
+
+def test_onnx_matches_pytorch_on_every_batch_and_sequence_length(trained):
+    session = export.session(trained["folder"] / export.FP32)
+    eager = export.score(lambda b: export.eager_logits(trained["model"], b), trained["test"], batch_size=3)
+    exported = export.score(lambda b: session.run(None, export.onnx_inputs(b)), trained["test"], batch_size=3)
+    parity = export.check_parity(eager, exported)
+    assert parity["predictions_identical"] and parity["max_abs_logit_diff"] <= 1e-4 and parity["n"] == 10
+    assert exported.avg_f1() == pytest.approx(eager.avg_f1())
+    shifted = export.Scored([exported.logits[0] + 1e-3, exported.logits[1]], exported.labels)
+    with pytest.raises(export.ExportError, match="not faithful: max"):
+        export.check_parity(eager, shifted)
+
+
+def test_int8_model_runs_and_is_smaller(trained):
+    folder = trained["folder"]
+    int8 = export.session(folder / export.INT8)
+    scored = export.score(lambda b: int8.run(None, export.onnx_inputs(b)), trained["test"])
+    assert scored.logits[0].shape == (10, 2) and 0.0 <= scored.avg_f1() <= 1.0
+    assert export.file_mb(folder / export.INT8) < export.file_mb(folder / export.FP32)
+
+
+def test_latency_statistics_cover_the_requested_runs(trained):
+    calls = []
+    stats = export.latency(lambda b: calls.append(b), ["a", "b", "c"], runs=30, warmup=4)
+    assert len(calls) == 34 and calls[4:8] == ["a", "b", "c", "a"] and stats["runs"] == 30  # timed runs start over
+    assert 0 <= stats["p50_ms"] <= stats["p95_ms"]
+    batches = [{"index": torch.arange(4)}, {"index": torch.arange(3)}]
+    assert export.throughput(lambda b: None, batches) > 0
+
+
+def _caption_rows(data, n=3):
+    records = data.records["test"][:n]
+    return records, [str(r.image_path) for r in records], [r.text for r in records]
+
+
+def test_predict_agrees_with_the_model_and_writes_probabilities(trained, tmp_path, capsys):
+    records, images, texts = _caption_rows(trained["data"])
+    table = tmp_path / "cases.csv"
+    pd.DataFrame({"image": images, "text": texts}).to_csv(table, index=False)
+    out = tmp_path / "predictions.csv"
+    assert predict_main([str(trained["folder"]), "--csv", str(table), "--out", str(out)]) == 0
+    predicted = pd.read_csv(out)
+    test = trained["test"]
+    eager = export.eager_logits(trained["model"], test.collate(list(range(3))))
+    for t, task in enumerate(trained["data"].vocab.tasks):
+        classes = trained["data"].vocab.classes[t]
+        assert predicted[f"{task}_pred"].tolist() == [classes[k] for k in eager[t].argmax(1)]
+        probs = predicted[[f"{task}_prob_{c}" for c in classes]].to_numpy()
+        assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+        assert np.allclose(probs.max(1), predicted[f"{task}_prob"], atol=1e-6)
+    # One image and caption: one line per sample, the same answer from the checkpoint.
+    assert predict_main([str(trained["folder"] / "model.onnx"), "--image", images[0], "--text", texts[0]]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"modality: {predicted.modality_pred[0]} (") and "; location: " in line
+    assert predict_main([str(trained["checkpoint"]), "--image", images[0], "--text", texts[0]]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].split(" (")[0] == line.split(" (")[0]
+
+
+def test_predict_masks_the_words_the_model_was_trained_without(trained):
+    from medkd.predict import load_predictor
+    predictor = load_predictor(trained["folder"])
+    masked, _ = predictor.encode(["ct of the head", "MR image"])
+    assert (masked == predictor.tokenizer.mask_token_id).sum(1).tolist() == [1, 1]
+
+
+def _bad(args, capsys):
+    code = predict_main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "rgba", "16-bit", "empty caption", "columns",
+                                  "not ours", "not a checkpoint", "foreign onnx", "tokenizer"])
+def test_predict_refuses_bad_input_with_one_line_and_writes_nothing(case, trained, tmp_path, capsys):
+    _, images, texts = _caption_rows(trained["data"], 1)
+    model, image, text = trained["folder"], images[0], texts[0]
+    extra = []
+    if case == "missing":
+        image, expect = tmp_path / "nope.png", "does not exist"
+    elif case == "unreadable":
+        image = tmp_path / "broken.png"
+        image.write_text("not an image")
+        expect = "cannot be read as an image"
+    elif case == "rgba":
+        image = tmp_path / "alpha.png"
+        Image.new("RGBA", (8, 8)).save(image)
+        expect = "has mode RGBA: it has an alpha channel"
+    elif case == "16-bit":
+        image = tmp_path / "deep.png"
+        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(image)
+        expect = "more than 8 bits per channel"
+    elif case == "empty caption":
+        text, expect = "   ", "empty caption in --image/--text"
+    elif case == "columns":
+        table = tmp_path / "cases.csv"
+        pd.DataFrame({"path": [image], "caption": [text]}).to_csv(table, index=False)
+        extra, expect = ["--csv", table], "lacks the columns image, text (found: path, caption)"
+    elif case == "not ours":
+        model, expect = tmp_path, "is not a medkd export: no preprocessing.json"
+    elif case == "not a checkpoint":
+        model = tmp_path / "other.pt"
+        torch.save({"weights": 1}, model)
+        expect = "is not a medkd checkpoint"
+    elif case == "foreign onnx":
+        import shutil
+        model = tmp_path / "copy"
+        shutil.copytree(trained["folder"], model)
+        import onnx
+        proto = onnx.load(str(model / "model.onnx"))
+        del proto.metadata_props[:]
+        onnx.save(proto, str(model / "model.onnx"))
+        expect = "is not a medkd export (no 'medkd-onnx-1' metadata)"
+    else:
+        import shutil
+        model = tmp_path / "copy"
+        shutil.copytree(trained["folder"], model)
+        vocab = next(p for p in (model / "tokenizer").iterdir() if p.name in ("vocab.txt", "tokenizer.json"))
+        vocab.write_text(vocab.read_text() + "\n")
+        expect = "does not match the one"
+    out = tmp_path / "out.csv"
+    args = [model, *(extra or ["--image", image, "--text", text]), "--out", out]
+    code, err = _bad(args, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("medkd predict: error: ") and expect in err[0], err
+    assert not out.exists()
+
+
+def test_predict_is_a_console_command_and_a_module(trained):
+    _, images, texts = _caption_rows(trained["data"], 1)
+    for command in ([sys.executable, "-m", "medkd", "predict"], [sys.executable, "-m", "medkd.predict"]):
+        done = subprocess.run([*command, str(trained["folder"]), "--image", images[0], "--text", texts[0]],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith("modality: "), done.stderr[-2000:]
+
+
+def test_export_stage_measures_the_teacher_and_refuses_changed_data_settings(project):
+    import copy
+
+    from medkd.stages.export import export_stage
+    root, params = project
+    params = {**params, "export": {"latency_runs": 5, "warmup": 1, "threads": [1, 2], "throughput_batch": 4}}
+    result = export_stage(params, "teacher-medpix", root)["result"]
+    assert result["parity"]["predictions_identical"] and result["parity"]["n"] == 12
+    assert set(result["fp32"]) >= {"mb", "avg_f1", "latency_1_thread", "latency_2_threads", "throughput_batch4_per_s"}
+    assert result["fp32"]["avg_f1"] == pytest.approx(result["eager_avg_f1"])
+    assert result["int8"]["avg_f1_change"] == pytest.approx(result["int8"]["avg_f1"] - result["fp32"]["avg_f1"],
+                                                            abs=1e-4)
+    assert result["torch_eager"]["latency_1_thread"]["runs"] == 5
+    lean = json.loads((root / "reports" / "metrics" / "export-teacher-medpix.json").read_text())
+    assert lean["fp32_avg_f1"] == result["fp32"]["avg_f1"] and "int8_p50_ms_1_thread" in lean
+    assert (root / "models" / "export" / "teacher-medpix" / "model.onnx").exists()
+    changed = copy.deepcopy(params)
+    changed["data"]["medpix"]["max_length"] = 20
+    with pytest.raises(export.ExportError, match="trained with data.medpix.max_length = 24"):
+        export_stage(changed, "teacher-medpix", root)
