@@ -154,10 +154,12 @@ def _plot_importances(study, path: Path) -> None:
     if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
         try:
             ax = plot_param_importances(study)
-            for text in list(ax.figure.texts):  # optuna's own figure title: ours below replaces it
+            for text in list(ax.figure.texts):  # optuna's own titles: ours below replaces them
                 text.remove()
-            ax.set_title(f"Hyperparameter importances (fANOVA) from {len(complete)} complete trials\n"
-                         + ("indicative only: few trials" if len(complete) < 20 else ""), fontsize=10)
+            for loc in ("left", "center", "right"):
+                ax.set_title("", loc=loc)
+            caveat = " (indicative only: few trials)" if len(complete) < 20 else ""
+            ax.set_title(f"Hyperparameter importances (fANOVA), {len(complete)} complete trials{caveat}", fontsize=10)
             _save(ax.figure, path)
             return
         except (RuntimeError, ValueError) as err:  # e.g. a parameter with a single value
@@ -608,10 +610,10 @@ def plot_latency_vs_f1(deployments: Sequence[Mapping], path: Path) -> None:
         for kind in ("fp32", "int8"):
             if kind in d:
                 points.append({"model": d["model"], "kind": kind, "ms": d[kind]["latency_1_thread"]["p50_ms"],
-                               "f1": d[kind]["avg_f1"], "params_m": d["parameters"] / 1e6})
+                               "f1": d[kind]["avg_f1"], "parameters (M)": round(d["parameters"] / 1e6, 1)})
     frame = pd.DataFrame(points)
     fig, ax = plt.subplots(figsize=(8.5, 5), layout="constrained")
-    sns.scatterplot(frame, x="ms", y="f1", hue="model", style="kind", size="params_m", sizes=(40, 400), ax=ax,
+    sns.scatterplot(frame, x="ms", y="f1", hue="model", style="kind", size="parameters (M)", sizes=(40, 400), ax=ax,
                     alpha=0.85)
     front, best = [], -np.inf
     for _, r in frame.sort_values(["ms", "f1"], ascending=[True, False]).iterrows():
@@ -621,6 +623,8 @@ def plot_latency_vs_f1(deployments: Sequence[Mapping], path: Path) -> None:
     ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set(xlabel="batch-1 latency, ONNX Runtime, 1 CPU thread (ms, p50, log scale)",
            ylabel="test average macro-F1", title="Latency vs. accuracy of the exported models")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -663,8 +667,10 @@ def results_markdown(runs: pd.DataFrame, params: Mapping, hyper: pd.DataFrame, o
         lines += ["## Deployment", "", "Each model exported to ONNX (`medkd/export.py`; students: their tuned run, first "
                   "seed), timed with ONNX Runtime on this machine's CPU on real test samples (batch 1, after a "
                   "warm-up); speed-up = the teacher's p50 over the model's. int8: ONNX Runtime's dynamic "
-                  "quantization of the matrix products. Parity: the largest logit difference to PyTorch eager "
-                  "fp32 over the test split (the export stage fails above 1e-4).", "",
+                  "quantization of the matrix products. F1s are of the exported fp32 model (the training runs "
+                  "evaluate with bf16 autocast, so they differ slightly). Parity: the largest logit difference to "
+                  "PyTorch eager fp32 over the test split (the goal is 1e-4; the stage fails above "
+                  "`export.parity_tolerance`).", "",
                   deployment.to_markdown(index=False, disable_numparse=True), "",
                   "![latency vs F1](latency_vs_f1.png)", ""]
     lines += environment_lines(runs)

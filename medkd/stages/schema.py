@@ -235,6 +235,7 @@ class ExportSection(_Section):
     threads: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2]  # ONNX Runtime intra-op
     throughput_batch: Annotated[int, Field(ge=2)] = 32
     int8: bool = True  # also a dynamically quantized int8 model: its size, latency and test F1
+    parity_tolerance: Annotated[float, Field(gt=0.0)] = 1e-4  # max |Δlogit| vs PyTorch eager fp32; above it: fail
 
     @model_validator(mode="after")
     def _one_thread(self):
