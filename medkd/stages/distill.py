@@ -37,7 +37,7 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
         result = distill_student(
             data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg, report_dir / run.name,
             cache_path=paths.teacher_cache(dataset), checkpoint_path=paths.student_checkpoint(student, run.name),
-            rebuild_stale_cache=False, resume_path=paths.resume(f"distill-{student}-{run.variant}-seed{run.seed}"),
+            rebuild_stale_cache=False, resume_path=paths.resume(f"distill-{student}-{run.slug}"),
         )
         results[run] = result
         if not is_main():
@@ -49,10 +49,10 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
     summary = seed_summary(headline)
     write_json(paths.metrics(f"distill-{student}"), summary)
     for run, history in histories.items():
-        atomic_write(paths.plot(f"distill-{student}/{run.variant}-seed{run.seed}"),
+        atomic_write(paths.plot(f"distill-{student}/{run.slug}"),
                      lambda p, h=history: h.reset_index().to_csv(p, index=False))
     for run in runs:  # the stage is done: nothing left to resume
-        paths.clear_resume(f"distill-{student}-{run.variant}-seed{run.seed}")
+        paths.clear_resume(f"distill-{student}-{run.slug}")
     return {"results": results, "summary": summary, "histories": histories,
             "table": run_table(headline)}
 

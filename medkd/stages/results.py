@@ -30,10 +30,11 @@ def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
             if run_dir.exists():
                 rows.append(_row(spec["dataset"], student, planned.variant, planned.seed, load_run(run_dir), spec))
     student = primary_student(params)
-    for best_dir in sorted((paths.optuna_report() / "best").glob("seed-*"), key=lambda d: int(d.name[5:])):
+    best_seeds = sorted(int(d.name.removeprefix("seed-")) for d in (paths.optuna_report() / "best").glob("seed-*"))
+    for seed in best_seeds:
         spec = params["students"][student]
-        seed = int(best_dir.name.removeprefix("seed-"))
-        rows.append(_row(spec["dataset"], student, report.OPTUNA_BEST, seed, load_run(best_dir), spec))
+        rows.append(_row(spec["dataset"], student, report.OPTUNA_BEST, seed,
+                         load_run(paths.optuna_report() / "best" / f"seed-{seed}"), spec))
     return pd.DataFrame(rows)
 
 

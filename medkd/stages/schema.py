@@ -113,8 +113,12 @@ class Run(NamedTuple):
     seed: int
 
     @property
-    def name(self) -> str:  # a file-name stem: reports/students/<student>/<variant>/seed-<seed>
+    def name(self) -> str:  # its folder: reports/students/<student>/<variant>/seed-<seed>
         return f"{self.variant}/seed-{self.seed}"
+
+    @property
+    def slug(self) -> str:  # one file name: resume state, DVC plot
+        return f"{self.variant}-seed{self.seed}"
 
 
 def variant_bases(params: Mapping) -> dict[str, str | None]:

@@ -312,12 +312,13 @@ def collect(search: Search, study: optuna.Study) -> dict:
             run = Run(report.OPTUNA_BEST, seed)
             model_cfg, loss_cfg, cfg = student_configs(search.params, search.student, "tuned", best.params, seed=seed)
             print(f"--- retraining the best trial ({best.number}) with seed {seed}")
+            run_dir = out / "best" / f"seed-{seed}"
             distill_student(search.data, paths.teacher_checkpoint(search.dataset), model_cfg, loss_cfg, cfg,
-                            out / "best" / f"seed-{seed}", teacher_cache=search.teacher_cache,
+                            run_dir, teacher_cache=search.teacher_cache,
                             checkpoint_path=paths.optuna_models() / f"best-seed{seed}.pt",
-                            resume_path=paths.resume(f"optuna-best-seed{seed}"))
-            paths.clear_resume(f"optuna-best-seed{seed}")
-            headline[run] = headline_metrics(json.loads((out / "best" / f"seed-{seed}" / "metrics.json").read_text()))
+                            resume_path=paths.resume(run.slug))
+            paths.clear_resume(run.slug)
+            headline[run] = headline_metrics(json.loads((run_dir / "metrics.json").read_text()))
         result_metrics["best_retrained"] = seed_summary(headline)[report.OPTUNA_BEST]
     write_json(paths.metrics("optuna"), result_metrics)
     return {"study": study, "trials": trials, "best": best, "metrics": result_metrics}
