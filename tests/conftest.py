@@ -121,7 +121,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
-    del params["data"]["wound"], params["teachers"]["wound"], params["students"]["tiny-c"], params["students"]["tiny-d"]
+    del params["data"]["wound"], params["teachers"]["wound"], params["students"]["tiny-c"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(32, 12, 12), image_size=32)
     teacher_stage(params, "medpix", root)

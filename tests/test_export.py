@@ -15,7 +15,7 @@ from medkd.data import DataConfig, PreparedData
 from medkd.models import ModelConfig, build_model
 from medkd.predict import main as predict_main
 from medkd.synthetic import make_synthetic_medpix
-from medkd.train import load_checkpoint, save_checkpoint
+from medkd.train import save_checkpoint
 
 CFG = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, fusion_heads=2, dropout=0.1)
 MASK = ("ct", "mr")
@@ -212,3 +212,19 @@ def test_export_stage_measures_the_teacher_and_refuses_changed_data_settings(pro
     changed["data"]["medpix"]["max_length"] = 20
     with pytest.raises(export.ExportError, match="trained with data.medpix.max_length = 24"):
         export_stage(changed, "teacher-medpix", root)
+
+
+def test_export_form_computes_the_same_function_and_leaves_the_model_alone(trained):
+    """The exported graph's first RGB convolution runs on (R, G - R, B - R): same logits, and the
+    caller's model (the parity check's reference) is not changed."""
+    model = trained["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    form = export._for_export(model)
+    assert sum(isinstance(m, export._ChannelDifferenceConv) for m in form.modules()) == 1
+    batch = trained["test"].collate(list(range(4)))
+    inputs = (batch["pixel_values"], batch[f"input_ids_{export.ROLE}"], batch[f"attention_mask_{export.ROLE}"])
+    with torch.inference_mode():
+        plain, rewritten = model(*inputs), form(*inputs)
+    for key in ("logits_modality", "logits_location"):
+        torch.testing.assert_close(rewritten[key], plain[key], atol=1e-5, rtol=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -14,7 +14,7 @@ import yaml
 from medkd.synthetic import make_synthetic_medpix
 from test_pipeline import BIN, REPO, _project, _run
 
-EPOCHS = 6
+EPOCHS = 4
 
 
 def _env():
@@ -28,7 +28,7 @@ def _make(root: Path) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["teachers"]["medpix"]["train"]["epochs"] = EPOCHS
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(480, 12, 12), image_size=32)
+    make_synthetic_medpix(root / "data" / "medpix-2.0", sizes=(320, 12, 12), image_size=32)
     _run(["dvc", "add", "-q", "data"], root)
     return root
 

@@ -285,7 +285,7 @@ def test_balanced_class_weighted_ce_by_hand():
         expected += sum(weights[int(labels[i, task])] * nll[i] for i in range(3)) / 3
     assert loss(out, None, labels)["ce"] == pytest.approx(float(expected), rel=1e-6)
     plain = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}), ctx)(out, None, labels)["ce"]
-    unweighted = sum(torch.nn.functional.cross_entropy(l, labels[:, t]) for t, l in enumerate((logits1, logits2)))
+    unweighted = sum(torch.nn.functional.cross_entropy(logits, labels[:, t]) for t, logits in enumerate((logits1, logits2)))
     assert plain == pytest.approx(float(unweighted), rel=1e-7)
     with pytest.raises(ValueError, match="needs the training labels"):
         CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), LossContext(8, None, 4))
