@@ -33,8 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from medkd import export
-from medkd.data import mask_token, mask_words
-from medkd.datasets import Vocab
+from medkd.data import load_image, mask_token, mask_words
+from medkd.datasets import DataError, Vocab
 from medkd.files import atomic_write
 from medkd.models import TASK_LOGITS, ModelConfig
 from medkd.train import model_from_checkpoint, read_checkpoint
@@ -164,18 +164,17 @@ def read_cases(image: str | None, text: str | None, csv: Path | None) -> pd.Data
 def load_rgb(path: str, size: int, where: str) -> np.ndarray:
     """An image as float32 (3, size, size) in [0, 1], as in training; refuses modes the models never saw."""
     try:
-        with Image.open(path) as img:
-            mode = img.mode
-            if mode not in ACCEPTED_MODES or (mode == "P" and "transparency" in img.info):
-                why = ("it has an alpha channel" if "A" in mode or "transparency" in img.info else
-                       "it has more than 8 bits per channel" if mode.startswith(("I", "F")) else f"mode {mode}")
-                raise PredictError(f"image {path} ({where}) has mode {mode}: {why}; expected "
-                                   f"{', '.join(ACCEPTED_MODES.values())} (convert it first)")
-            img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        with Image.open(path) as img:  # the header only: the mode
+            mode, info = img.mode, img.info
+        if mode not in ACCEPTED_MODES or (mode == "P" and "transparency" in info):
+            why = ("it has an alpha channel" if "A" in mode or "transparency" in info else
+                   "it has more than 8 bits per channel" if mode.startswith(("I", "F")) else f"mode {mode}")
+            raise PredictError(f"image {path} ({where}) has mode {mode}: {why}; expected "
+                               f"{', '.join(ACCEPTED_MODES.values())} (convert it first)")
+        return load_image(Path(path), size).astype(np.float32) / 255.0  # decoded and resized as in training
     except FileNotFoundError:
         raise PredictError(f"image {path} ({where}) does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, DataError) as err:
         raise PredictError(f"image {path} ({where}) cannot be read as an image: {err}") from None
 
 
