@@ -108,6 +108,11 @@ class TaskCrossEntropy(nn.Module):
 
 def balanced_class_weights(train_labels: torch.Tensor, num_classes: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Per task, scikit-learn's "balanced" class weights n / (K · n_class) from the training labels."""
+    for task, k in enumerate(num_classes):
+        missing = sorted(set(range(k)) - set(train_labels[:, task].tolist()))
+        if missing:
+            raise ValueError(f"class_weights: balanced: task {task + 1} has no training sample of class(es) {missing} "
+                             f"(of {k}); its weight n / (K · n_class) is undefined: use class_weights: none")
     return tuple(
         torch.as_tensor(compute_class_weight("balanced", classes=np.arange(k), y=train_labels[:, task].numpy()),
                         dtype=torch.float32)

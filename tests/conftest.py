@@ -10,6 +10,10 @@ from pathlib import Path
 # Tests never reach a model hub: any accidental download fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite runs in two pytest-xdist workers (pyproject addopts): one thread each, so that the
+# workers and the stages they start (which inherit this) do not spin against each other on the cores.
+# Tiny models gain nothing from a second thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

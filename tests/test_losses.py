@@ -289,3 +289,6 @@ def test_balanced_class_weighted_ce_by_hand():
     assert plain == pytest.approx(float(unweighted), rel=1e-7)
     with pytest.raises(ValueError, match="needs the training labels"):
         CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), LossContext(8, None, 4))
+    no_class_2 = LossContext(8, None, n_data=2, train_labels=torch.tensor([[0, 0], [1, 1]]), num_classes=(2, 3))
+    with pytest.raises(ValueError, match=r"task 2 has no training sample of class\(es\) \[2\]"):
+        CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), no_class_2)
