@@ -89,10 +89,11 @@ class _ChannelDifferenceConv(nn.Module):
         return self.conv(torch.cat([pixels[:, :1], pixels[:, 1:] - pixels[:, :1]], 1))
 
 
-def _for_export(model: nn.Module) -> nn.Module:
-    """A copy of the classifier computing the same function in an order ONNX Runtime rounds less
-    (the caller's model is left as it is): the vision backbone's first RGB convolution becomes a
-    `_ChannelDifferenceConv`."""
+def export_form(model: nn.Module) -> nn.Module:
+    """A copy of the classifier computing the same function in an order fp32 rounds less (the
+    caller's model is left as it is): the vision backbone's first RGB convolution becomes a
+    `_ChannelDifferenceConv`. This is the module the exporter traces, hence the parity check's
+    PyTorch reference."""
     model = copy.deepcopy(model)
     vision = getattr(model, "vision", None)
     if vision is not None:
@@ -143,7 +144,7 @@ def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, example: M
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        wrapped = _Logits(_for_export(model.float())).eval()
+        wrapped = _Logits(export_form(model.float())).eval()
         inputs = (example["pixel_values"].float(), example["input_ids"], example["attention_mask"])
         batch, sequence = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
         outputs = [f"logits_{t}" for t in tasks]
@@ -275,12 +276,21 @@ def score(run: Callable[[Mapping], list[np.ndarray]], dataset: MultimodalDataset
     return Scored([np.concatenate(p) for p in parts], np.concatenate(labels))
 
 
-def check_parity(eager: Scored, exported: Scored, tolerance: float = PARITY_TOLERANCE) -> dict:
-    """Max |Δlogit| and whether every predicted class agrees; an ExportError if either fails."""
+def check_parity(eager: Scored, exported: Scored, tolerance: float = PARITY_TOLERANCE,
+                 trained: Scored | None = None) -> dict:
+    """Max |Δlogit| between the exported graph and PyTorch eager fp32 running the same graph
+    (`export_form`), and whether every predicted class agrees, also with the `trained` module's
+    own eager logits when given (whose max |Δlogit| to the export form is recorded: two fp32
+    roundings of one function). An ExportError if either check fails."""
     worst = max(float(np.abs(a - b).max()) for a, b in zip(eager.logits, exported.logits))
-    same = all(np.array_equal(a.argmax(1), b.argmax(1)) for a, b in zip(eager.logits, exported.logits))
+    references = [eager] + ([trained] if trained is not None else [])
+    same = all(np.array_equal(a.argmax(1), b.argmax(1))
+               for reference in references for a, b in zip(reference.logits, exported.logits))
     result = {"max_abs_logit_diff": worst, "predictions_identical": same, "n": int(len(eager.labels)),
               "tolerance": tolerance}
+    if trained is not None:
+        result["trained_vs_export_form_max_abs_logit_diff"] = max(
+            float(np.abs(a - b).max()) for a, b in zip(trained.logits, eager.logits))
     if worst > tolerance or not same:
         raise ExportError(f"ONNX export is not faithful: max |Δlogit| {worst:.2e} (tolerance {tolerance:.0e}), "
                           f"predicted classes {'identical' if same else 'differ'} on {result['n']} test samples")

@@ -69,6 +69,14 @@ def test_onnx_matches_pytorch_on_every_batch_and_sequence_length(trained):
     shifted = export.Scored([exported.logits[0] + 1e-3, exported.logits[1]], exported.labels)
     with pytest.raises(export.ExportError, match="not faithful: max"):
         export.check_parity(eager, shifted)
+    # The trained module's own logits: their distance is recorded, their classes must agree too.
+    nudged = export.Scored([eager.logits[0] + 5e-4, eager.logits[1]], eager.labels)
+    checked = export.check_parity(eager, exported, trained=nudged)
+    assert checked["trained_vs_export_form_max_abs_logit_diff"] == pytest.approx(5e-4, rel=1e-3)
+    flipped = eager.logits[0].copy()
+    flipped[0, flipped[0].argmin()] += 100.0  # sample 0's least likely class becomes its prediction
+    with pytest.raises(export.ExportError, match="predicted classes differ"):
+        export.check_parity(eager, exported, trained=export.Scored([flipped, eager.logits[1]], eager.labels))
 
 
 def test_int8_model_runs_and_is_smaller(trained):
@@ -219,7 +227,7 @@ def test_export_form_computes_the_same_function_and_leaves_the_model_alone(train
     caller's model (the parity check's reference) is not changed."""
     model = trained["model"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    form = export._for_export(model)
+    form = export.export_form(model)
     assert sum(isinstance(m, export._ChannelDifferenceConv) for m in form.modules()) == 1
     batch = trained["test"].collate(list(range(4)))
     inputs = (batch["pixel_values"], batch[f"input_ids_{export.ROLE}"], batch[f"attention_mask_{export.ROLE}"])

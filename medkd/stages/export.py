@@ -62,8 +62,10 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
 
     sessions = {t: export.session(folder / export.FP32, t) for t in section.threads}
     eager = export.score(lambda b: export.eager_logits(classifier, b), test)
+    traced = export.export_form(classifier)
     fp32 = export.score(ort(sessions[max(section.threads)]), test)
-    parity = export.check_parity(eager, fp32, section.parity_tolerance)
+    parity = export.check_parity(export.score(lambda b: export.eager_logits(traced, b), test), fp32,
+                                 section.parity_tolerance, trained=eager)
     timing = dict(runs=section.latency_runs, warmup=section.warmup)
     result = {
         "model": model, "run": run, "checkpoint": str(checkpoint.relative_to(root)),
