@@ -42,7 +42,7 @@ repro: $(STAMP) $(OFFLINE_STAMP) data
 exp: $(STAMP) $(OFFLINE_STAMP) data
 	$(BIN)/dvc exp run $(ARGS)
 
-# The full study (params.yaml plus the ablations and caption masking; about 90 min here); replaces params.yaml.
+# The full study (params.yaml plus the ablations and caption masking; about 81 min here, README); replaces params.yaml.
 full: $(STAMP)
 	cp configs/full.yaml params.yaml
 	$(MAKE) repro

@@ -145,7 +145,7 @@ def plot_search_history(study, path: Path, n_startup_trials: int = 0) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="trial number", ylabel="dev average macro-F1",
            title=f"Optuna search: {len(trials)} trials ({len(complete)} complete, {len(pruned)} pruned)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: covers no trial
     _save(fig, path)
 
 
