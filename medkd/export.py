@@ -196,7 +196,8 @@ def _stamp_and_check(path: Path, tasks: Sequence[str]) -> None:
 
 
 def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantization of the matrix products (weights int8, activations quantized per batch)."""
+    """Dynamic int8 quantization of the matrix products (weights int8 per output channel,
+    activations quantized per batch)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -207,7 +208,10 @@ def quantize_int8(source: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "plain.onnx"
         onnx.save(proto, str(plain))
-        quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        # Per output channel: one scale per weight column keeps the teacher's text encoder within a
+        # point of fp32 avg F1 (per tensor: 3.4 points lost in the committed run).
+        quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True)
 
 
 # --------------------------------------------------------------------------- running an export
