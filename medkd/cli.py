@@ -15,7 +15,8 @@ import yaml
 
 from medkd.files import write_text
 from medkd.stages.runner import run_stage
-from medkd.stages.schema import check_params
+from medkd.stages.schema import check_params, train_config
+from medkd.train import precision_problem, resolve_device
 
 STAMP_TEXT = "params.yaml fits the medkd schema (written by `medkd check-params`)\n"
 
@@ -35,6 +36,15 @@ def check_params_command(params_file: Path, stamp: Path | None) -> int:
             print(f"  {problem.path}: {problem.message}", file=sys.stderr)
         print(f"{params_file}: {len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was run",
               file=sys.stderr)
+        return 2
+    runtime = train_config(params)  # this machine, before any stage runs: a GPU it lacks, bf16 its CPU emulates
+    try:
+        problem = precision_problem(resolve_device(runtime.device), runtime.bf16)
+    except RuntimeError as err:
+        problem = f"runtime.device: {err}"
+    if problem:
+        print(f"  {problem}", file=sys.stderr)
+        print(f"{params_file}: fits the schema, but not this machine; nothing was run", file=sys.stderr)
         return 2
     if stamp is not None:
         write_text(stamp, STAMP_TEXT)  # constant: stages that depend on it re-run only for their own params

@@ -23,6 +23,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_runs_bf16_natively() -> bool:
+    """Whether this CPU has bf16 matrix instructions (x86: AVX512-BF16 or AMX). Without them torch
+    emulates bf16 products: 0.9 GFLOP/s against 103 in fp32 on a 2-core AVX2 EPYC (1024² `torch.mm`).
+    Other architectures are not judged here (True)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(probes):  # a torch without these probes: no way to tell, so no objection
+        return True
+    return any(probe() for probe in probes if probe is not None)
+
+
 def environment(device: torch.device, bf16: bool) -> dict:
     """The machine, the ISA torch's CPU kernels use, GPU, threads, precision and library versions."""
     versions = {}

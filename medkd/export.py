@@ -15,7 +15,7 @@ repository's training code:
   scaling, token length, the tokenizer's files and fingerprint) and the tasks' class names.
 - `tokenizer/`: the tokenizer's own files (`transformers.AutoTokenizer.from_pretrained` reads them).
 
-`check_parity`, `latency` and `deployment_report` measure the export on real test samples.
+`check_parity`, `latency`, `paired_speedup` and `throughput` measure the export on real test samples.
 """
 
 from __future__ import annotations
@@ -314,6 +314,46 @@ def latency(run: Callable[[Mapping], object], batches: Sequence[Mapping], runs: 
         times.append(1000 * (time.perf_counter() - start))
     quantiles = statistics.quantiles(times, n=100, method="inclusive")
     return {"p50_ms": round(statistics.median(times), 3), "p95_ms": round(quantiles[94], 3), "runs": runs}
+
+
+def paired_speedup(run: Callable[[Mapping], object], reference: Callable[[Mapping], object],
+                   batches: Sequence[Mapping], runs: int = 200, warmup: int = 20, resamples: int = 2000,
+                   block: int = 10, seed: int = 0, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Speed-up of `run` over `reference` (the teacher), both timed alternately on the same samples.
+
+    Pair k times both on `batches[k]` (cycled), which of the two goes first alternating, so that a
+    change of the machine's speed during the measurement, or between stages, slows both alike. Speed-up = the
+    reference's p50 over the model's; its 95% interval: percentiles over `resamples` moving-block
+    bootstrap resamples (runs of `block` consecutive pairs, fixed seed), since timing noise comes in
+    bursts and neighbouring pairs are not independent. The interval covers this measurement's timing
+    noise; repeated measurements on one machine also differ by a few percent (README, "Deployment"),
+    and another machine is another question.
+    """
+    def timed(call, batch):
+        start = clock()
+        call(batch)
+        return 1000 * (clock() - start)
+
+    for k in range(warmup):
+        run(batches[k % len(batches)])
+        reference(batches[k % len(batches)])
+    model_ms, reference_ms = np.empty(runs), np.empty(runs)
+    for k in range(runs):
+        batch = batches[k % len(batches)]
+        if k % 2:
+            reference_ms[k], model_ms[k] = timed(reference, batch), timed(run, batch)
+        else:
+            model_ms[k], reference_ms[k] = timed(run, batch), timed(reference, batch)
+    block = max(1, min(block, runs))
+    starts = np.random.default_rng(seed).integers(0, runs - block + 1, size=(resamples, -(-runs // block)))
+    picks = (starts[:, :, None] + np.arange(block)).reshape(resamples, -1)[:, :runs]
+    ratios = np.median(reference_ms[picks], axis=1) / np.median(model_ms[picks], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"speedup": round(float(np.median(reference_ms) / np.median(model_ms)), 3),
+            "ci95": [round(float(low), 3), round(float(high), 3)],
+            "p50_ms": round(float(np.median(model_ms)), 3),
+            "reference_p50_ms": round(float(np.median(reference_ms)), 3), "runs": runs, "resamples": resamples,
+            "block": block}
 
 
 def throughput(run: Callable[[Mapping], object], batches: Sequence[Mapping]) -> float:

@@ -583,8 +583,6 @@ def gamma_finding(drivers: pd.DataFrame) -> str:
 def deployment_table(deployments: Sequence[Mapping]) -> pd.DataFrame:
     """One row per exported model (the export stages' deployment.json): size, single-thread CPU
     latency, speed-up against its data set's teacher, test avg F1 in fp32 and int8."""
-    teacher = {d["model"].removeprefix("teacher-"): d for d in deployments if d["model"].startswith("teacher-")}
-    reference = next(iter(teacher.values()), None)
     rows = []
     for d in sorted(deployments, key=lambda d: (not d["model"].startswith("teacher-"), d["parameters"])):
         fp32, int8 = d["fp32"], d.get("int8")
@@ -593,13 +591,24 @@ def deployment_table(deployments: Sequence[Mapping]) -> pd.DataFrame:
                "MB fp32": f"{fp32['mb']:.1f}", "MB int8": f"{int8['mb']:.1f}" if int8 else "",
                "p50 / p95 ms (1 thread)": f"{lat['p50_ms']:.1f} / {lat['p95_ms']:.1f}",
                "int8 p50 ms": f"{int8['latency_1_thread']['p50_ms']:.1f}" if int8 else "",
-               "Speed-up vs teacher": (f"{reference['fp32']['latency_1_thread']['p50_ms'] / lat['p50_ms']:.1f}×"
-                                       if reference else ""),
+               "Speed-up vs teacher [95% CI]": speedup_cell(d),
                "Avg F1 fp32": f"{fp32['avg_f1']:.3f}", "Avg F1 int8": f"{int8['avg_f1']:.3f}" if int8 else "",
                "int8 ΔF1": f"{int8['avg_f1_change']:+.3f}" if int8 else "",
                "max |Δlogit| vs PyTorch": f"{d['parity']['max_abs_logit_diff']:.1e}"}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def speedup_cell(deployment: Mapping) -> str:
+    """A student's paired speed-up over its teacher (timed alternately in the student's export stage)
+    with its bootstrap interval; a teacher is its own reference."""
+    if deployment["model"].startswith("teacher-"):
+        return "1×"
+    paired = deployment.get("speedup_vs_teacher")
+    if paired is None:
+        return ""
+    low, high = paired["ci95"]
+    return f"{paired['speedup']:.2f}× [{low:.2f}, {high:.2f}]"
 
 
 def plot_latency_vs_f1(deployments: Sequence[Mapping], path: Path) -> None:
@@ -666,9 +675,12 @@ def results_markdown(runs: pd.DataFrame, params: Mapping, hyper: pd.DataFrame, o
     if deployment is not None and len(deployment):
         lines += ["## Deployment", "", "Each model exported to ONNX (`medkd/export.py`; students: their tuned run, first "
                   "seed), timed with ONNX Runtime on this machine's CPU on real test samples (batch 1, after a "
-                  "warm-up); speed-up = the teacher's p50 over the model's. int8: ONNX Runtime's dynamic "
-                  "quantization of the matrix products. F1s are of the exported fp32 model (the training runs "
-                  "evaluate with bf16 autocast, so they differ slightly). Parity: the largest logit difference to "
+                  "warm-up). Speed-up: each student and its teacher timed alternately on the same test samples in the "
+                  "student's export stage (1 thread), the teacher's p50 over the student's, with a 95% block-bootstrap "
+                  "interval over the timed pairs (this measurement's timing noise only); the p50 columns come from "
+                  "each model's own stage. int8: ONNX Runtime's dynamic quantization of the matrix products. "
+                  "F1s are of the exported fp32 model (the training runs evaluate with bf16 autocast, so they "
+                  "differ slightly). Parity: the largest logit difference to "
                   "PyTorch eager fp32 over the test split (the goal is 1e-4; the stage fails above "
                   "`export.parity_tolerance`).", "",
                   deployment.to_markdown(index=False, disable_numparse=True), "",

@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Mapping, NamedTuple
@@ -30,7 +31,7 @@ from medkd.distributed import (
     all_reduce_sum, average_float_buffers, average_gradients, barrier, broadcast_module, broadcast_object, is_main,
     local_device, rank, world_size,
 )
-from medkd.environment import environment
+from medkd.environment import cpu_model, cpu_runs_bf16_natively, environment
 from medkd.files import atomic_write, write_json
 from medkd.losses import TERMS, CombinedLoss, LossConfig, LossContext
 from medkd.metrics import metrics_from_predictions, predictions_frame
@@ -76,6 +77,27 @@ def resolve_device(spec: str = "auto") -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+def precision_problem(device: torch.device, bf16: bool) -> str | None:
+    """Why `bf16` autocast on `device` would crawl, or None: a CPU without bf16 instructions makes
+    torch emulate it, about 100x slower than fp32 (a teacher step of 230 s instead of 2), a run that
+    looks hung. `medkd check-params` (the pipeline's first stage) refuses such params."""
+    if not (bf16 and device.type == "cpu") or cpu_runs_bf16_natively():
+        return None
+    return (f"bf16 autocast is on (runtime.bf16), but this CPU ({cpu_model()}, "
+            f"{torch.backends.cpu.get_cpu_capability()}) has no bf16 instructions (AVX512-BF16 or AMX): it would "
+            "run about 100x slower than fp32 here. Set runtime.bf16: false (fp32; the numbers then differ slightly "
+            "from a bf16 run) or use a machine with bf16 (README, 'Reproducing the committed run').")
+
+
+def training_device(cfg: "TrainConfig") -> torch.device:
+    """The device a run trains or predicts on; a warning if its precision would crawl there."""
+    device = resolve_device(cfg.device)
+    problem = precision_problem(device, cfg.bf16)
+    if problem:
+        warnings.warn(problem, RuntimeWarning, stacklevel=3)
     return device
 
 
@@ -214,7 +236,7 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
 
     `payload`/`tokenizer`: the checkpoint and tokenizer when the caller has them already.
     """
-    device = device or resolve_device(cfg.device)
+    device = device or training_device(cfg)
     payload = payload if payload is not None else read_checkpoint(teacher_ckpt)
     teacher = model_from_checkpoint(payload, device)
     tokenizer = tokenizer if tokenizer is not None else ModelConfig.from_dict(payload["model_config"]).tokenizer()
@@ -562,7 +584,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     """
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = training_device(cfg)
     model = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
     resume = Resume(Path(resume_path), run_state_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
                                                    data.content_key("train"))) if resume_path else None
@@ -606,7 +628,7 @@ def distill_student(
     """
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = training_device(cfg)
     use_cache = (not cfg.augment) if use_cache is None else use_cache
     if use_cache and cfg.augment:
         raise ValueError("a teacher cache cannot serve randomly augmented inputs; set use_cache=False")

@@ -1,6 +1,7 @@
 """ONNX export, its parity with PyTorch, the measurements, and `medkd predict` on a tiny model."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -94,6 +95,71 @@ def test_latency_statistics_cover_the_requested_runs(trained):
     assert 0 <= stats["p50_ms"] <= stats["p95_ms"]
     batches = [{"index": torch.arange(4)}, {"index": torch.arange(3)}]
     assert export.throughput(lambda b: None, batches) > 0
+
+
+class _FakeClock:
+    """Time that passes only when a timed call says so: the statistics, not this machine, are tested."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def spend(self, ms):
+        self.now += ms / 1000
+
+
+def test_paired_speedup_alternates_and_bootstraps_the_pairs():
+    clock, calls = _FakeClock(), []
+    student_ms = [2.0, 3.0, 2.5, 9.0, 2.0, 2.2, 2.4, 2.6, 3.5, 2.1]
+    teacher_ms = [11.0, 12.0, 14.0, 30.0, 10.0, 11.5, 12.5, 13.0, 16.0, 10.5]
+
+    def student(batch):
+        calls.append(("student", batch))
+        clock.spend(student_ms[batch] if len(calls) > 4 else 50.0)  # warm-up calls are not timed
+
+    def teacher(batch):
+        calls.append(("teacher", batch))
+        clock.spend(teacher_ms[batch] if len(calls) > 4 else 50.0)
+
+    result = export.paired_speedup(student, teacher, list(range(10)), runs=10, warmup=2, resamples=500, block=3,
+                                   seed=3, clock=clock)
+    timed = calls[4:]
+    assert [who for who, _ in timed[:4]] == ["student", "teacher", "teacher", "student"]  # who goes first alternates
+    assert [b for _, b in timed[::2]] == list(range(10)) == [b for _, b in timed[1::2]]  # both on the same sample
+    assert result["p50_ms"] == pytest.approx(statistics.median(student_ms), abs=1e-3)
+    assert result["reference_p50_ms"] == pytest.approx(statistics.median(teacher_ms), abs=1e-3)
+    assert result["speedup"] == pytest.approx(statistics.median(teacher_ms) / statistics.median(student_ms), abs=1e-3)
+    # The interval, resample by resample: four runs of three consecutive pairs from the same draws
+    # (the last run cut to fill ten pairs), medians taken one list at a time.
+    ratios = []
+    for starts in np.random.default_rng(3).integers(0, 8, size=(500, 4)):
+        pairs = [start + offset for start in starts for offset in range(3)][:10]
+        ratios.append(statistics.median(teacher_ms[i] for i in pairs) / statistics.median(student_ms[i] for i in pairs))
+    assert result["ci95"] == pytest.approx(list(np.percentile(ratios, [2.5, 97.5])), abs=1e-3)
+    assert result["ci95"][0] <= result["speedup"] <= result["ci95"][1] and result["runs"] == 10 and result["block"] == 3
+
+
+def test_a_students_stage_needs_its_teachers_export_read_as_it_reads_the_data(project, tmp_path):
+    import copy
+
+    from medkd.data import DataConfig
+    from medkd.stages.common import Paths
+    from medkd.stages.export import exported_teacher
+    root, params = project
+    config = DataConfig.from_dict({**params["data"]["medpix"], "root": str(root / params["data"]["medpix"]["root"])})
+    with pytest.raises(export.ExportError, match="run `dvc repro export-teacher@medpix`"):
+        exported_teacher(Paths(tmp_path), "medpix", config)
+    if not (root / "models" / "export" / "teacher-medpix").exists():
+        from medkd.stages.export import export_stage
+        export_stage({**params, "export": {"latency_runs": 2, "warmup": 1, "threads": [1], "throughput_batch": 4,
+                                           "int8": False}}, "teacher-medpix", root)
+    teacher = exported_teacher(Paths(root), "medpix", config)
+    assert teacher.image_size == config.image_size and teacher.max_length == config.max_length
+    changed = DataConfig.from_dict({**copy.deepcopy(params["data"]["medpix"]), "max_length": 20})
+    with pytest.raises(export.ExportError, match="max_length = 24, data.medpix.max_length is now 20"):
+        exported_teacher(Paths(root), "medpix", changed)
 
 
 def _caption_rows(data, n=3):

@@ -88,8 +88,13 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     for model in ["teacher-medpix", "teacher-wound", *params["students"]]:
         folder = root / "models" / "export" / model
         assert {p.name for p in folder.iterdir()} == {"model.onnx", "model.int8.onnx", "preprocessing.json", "tokenizer"}
-        assert json.loads((root / "reports" / "export" / model / "deployment.json").read_text())["parity"][
-            "predictions_identical"]
+        deployment = json.loads((root / "reports" / "export" / model / "deployment.json").read_text())
+        assert deployment["parity"]["predictions_identical"]
+        if model in params["students"]:  # timed against its data set's exported teacher, in its own stage
+            paired = deployment["speedup_vs_teacher"]
+            assert paired["teacher"] == f"teacher-{params['students'][model]['dataset']}"
+            assert paired["ci95"][0] <= paired["speedup"] <= paired["ci95"][1]
+    assert "Speed-up vs teacher [95% CI]" in results
     assert json.loads((root / "models" / "export" / "tiny-a-masked" / "preprocessing.json").read_text())["text"][
         "mask_terms"][:2] == ["CT", "MR"]
     assert (root / "reports" / "optuna" / "optimization_history.png").exists()

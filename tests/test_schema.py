@@ -150,6 +150,21 @@ def test_check_params_command(tmp_path):
     assert done.returncode == 0 and (tmp_path / "ok").exists()
 
 
+def test_check_params_refuses_bf16_that_this_cpu_would_emulate(tmp_path, monkeypatch, capsys):
+    import medkd.train
+    from medkd.cli import check_params_command
+    params = copy.deepcopy(CI)
+    params["runtime"] = {**params.get("runtime", {}), "device": "cpu", "bf16": True}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(medkd.train, "cpu_runs_bf16_natively", lambda: False)
+    assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 2 and not (tmp_path / "ok").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no bf16 instructions" in err[0] and "Set runtime.bf16: false" in err[0]
+    assert err[-1] == f"{tmp_path / 'params.yaml'}: fits the schema, but not this machine; nothing was run"
+    monkeypatch.setattr(medkd.train, "cpu_runs_bf16_natively", lambda: True)
+    assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 0 and (tmp_path / "ok").exists()
+
+
 def test_variants_are_the_entries_of_distill_and_start_from_their_base():
     from medkd.stages.schema import variants
     assert variants(CI)[:3] == ["tuned", "baseline", "no-kd"]

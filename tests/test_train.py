@@ -18,7 +18,7 @@ from medkd.train import (
 
 TEACHER = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=24, fusion_heads=2, dropout=0.1)
 STUDENT = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, fusion_heads=2, dropout=0.2)
-FAST = TrainConfig(epochs=1, batch_size=8, eval_batch_size=16, lr=1e-3, seed=7)
+FAST = TrainConfig(epochs=1, batch_size=8, eval_batch_size=16, lr=1e-3, seed=7, bf16=False)  # bf16: its own tests
 
 
 @pytest.fixture(scope="module")
@@ -384,3 +384,28 @@ def test_probing_records_loss_terms_and_leaves_training_unchanged(data, teacher_
     terms = pd.read_csv(tmp_path / "probed" / "loss_terms.csv")
     assert list(dict.fromkeys(terms.term)) == ["ce", "kl", "mse"] and (terms.step % 2 == 0).all()
     assert (terms.grad_norm > 0).all() and not (tmp_path / "plain" / "loss_terms.csv").exists()
+
+
+def test_bf16_that_the_cpu_would_emulate_is_named_and_warned_about(monkeypatch):
+    import medkd.train as train
+    monkeypatch.setattr(train, "cpu_runs_bf16_natively", lambda: False)
+    problem = train.precision_problem(torch.device("cpu"), True)
+    assert "no bf16 instructions" in problem and "Set runtime.bf16: false" in problem
+    assert train.precision_problem(torch.device("cpu"), False) is None
+    assert train.precision_problem(torch.device("cuda"), True) is None  # a GPU's bf16 is not this check's business
+    with pytest.warns(RuntimeWarning, match="no bf16 instructions"):
+        assert train.training_device(TrainConfig(device="cpu", bf16=True)).type == "cpu"
+    monkeypatch.setattr(train, "cpu_runs_bf16_natively", lambda: True)
+    assert train.precision_problem(torch.device("cpu"), True) is None
+
+
+@pytest.mark.parametrize("machine, avx512_bf16, amx, native", [
+    ("x86_64", False, False, False), ("x86_64", True, False, True), ("x86_64", False, True, True),
+    ("aarch64", False, False, True),  # not judged off x86
+])
+def test_cpu_bf16_probe_reads_torchs_instruction_probes(monkeypatch, machine, avx512_bf16, amx, native):
+    from medkd import environment
+    monkeypatch.setattr(environment.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert environment.cpu_runs_bf16_natively() is native

@@ -1,6 +1,7 @@
 """Stages `export-teacher@<dataset>` and `export@<student>`: a trained model as an ONNX folder
 (`medkd.export`), its parity with PyTorch on the whole test split, its CPU latency, size and
-int8 cost, measured on real test samples."""
+int8 cost, measured on real test samples; a student's speed-up is timed against the exported
+teacher of its data set in the same stage (`export.paired_speedup`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from medkd.data import make_loader
 from medkd.files import reset_dir, write_json
 from medkd.models import ModelConfig, count_parameters
 from medkd.params import project_root
+from medkd.predict import Predictor, PredictError, load_predictor
 from medkd.stages.common import Paths, load_data
 from medkd.stages.schema import export_section, student_runs
 from medkd.train import load_checkpoint
 
 TEACHER_PREFIX = "teacher-"  # export stage models: "teacher-<dataset>" or a student's name
+TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
 
 
 def deployed_checkpoint(params: Mapping, paths: Paths, model: str) -> tuple[Path, str, str]:
@@ -48,7 +51,8 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
                                      f"params.yaml now says {now!r}: re-run its training stage first")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
     tokenizer = model_cfg.tokenizer()
-    test = data.dataset("test", {export.ROLE: tokenizer})
+    teacher = None if run == "teacher" else exported_teacher(paths, dataset, data.config)
+    test = data.dataset("test", {export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
     batches = list(make_loader(test, section.throughput_batch, shuffle=False))
     singles = list(make_loader(test, 1, shuffle=False))
     example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{export.ROLE}"],
@@ -78,6 +82,12 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
                      ort(sessions[max(section.threads)]), batches)},
         "eager_avg_f1": round(eager.avg_f1(), 4),
     }
+    if teacher is not None:
+        def run_teacher(batch):
+            return teacher.logits(*export.onnx_inputs(batch, TEACHER_ROLE).values())
+
+        result["speedup_vs_teacher"] = {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1,
+                                        **export.paired_speedup(ort(sessions[1]), run_teacher, singles, **timing)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -97,11 +107,32 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     return {"result": result, "folder": folder}
 
 
+def exported_teacher(paths: Paths, dataset: str, data_config) -> Predictor:
+    """The data set's exported teacher (1 thread), the reference of a student's paired speed-up;
+    refused unless it reads the test split as the student does."""
+    folder = paths.export_model(f"{TEACHER_PREFIX}{dataset}")
+    try:
+        teacher = load_predictor(folder, threads=1)
+    except PredictError as err:
+        raise export.ExportError(f"the teacher's export is needed to time the student against it: {err} "
+                                 f"(run `dvc repro export-teacher@{dataset}`)") from None
+    seen = {"image_size": teacher.image_size, "max_length": teacher.max_length,
+            "mask_terms": tuple(teacher.mask_terms)}
+    for key, value in seen.items():
+        now = tuple(getattr(data_config, key)) if key == "mask_terms" else getattr(data_config, key)
+        if value != now:
+            raise export.ExportError(f"{folder} was exported with {key} = {value!r}, data.{dataset}.{key} is now "
+                                     f"{now!r}: re-run export-teacher@{dataset}")
+    return teacher
+
+
 def lean_metrics(result: Mapping) -> dict:
     """The numbers a person compares across runs with `dvc metrics diff`."""
     lean = {"parameters": result["parameters"], "fp32_mb": result["fp32"]["mb"], "fp32_avg_f1": result["fp32"]["avg_f1"],
             "fp32_p50_ms_1_thread": result["fp32"]["latency_1_thread"]["p50_ms"],
             "max_abs_logit_diff": result["parity"]["max_abs_logit_diff"]}
+    if "speedup_vs_teacher" in result:
+        lean["speedup_vs_teacher"] = result["speedup_vs_teacher"]["speedup"]
     if "int8" in result:
         lean.update(int8_mb=result["int8"]["mb"], int8_avg_f1=result["int8"]["avg_f1"],
                     int8_p50_ms_1_thread=result["int8"]["latency_1_thread"]["p50_ms"])
