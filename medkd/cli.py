@@ -1,5 +1,6 @@
-"""The pipeline's own commands, light on imports: DVC's stage commands run `python -m medkd.cli`, so
-a stage depends on these modules only (the full `medkd` command is `medkd/commands.py`).
+"""The pipeline's own commands: DVC's `check` stage runs `python -m medkd.cli check-params`; the
+notebook stages run `python -m medkd.stages.runner` (`run-stage` here too), which skips this
+module's schema imports and their torch (the full `medkd` command is `medkd/commands.py`).
 
     medkd check-params [--params params.yaml] [--stamp FILE]
     medkd run-stage NOTEBOOK OUTPUT [-p NAME VALUE]...
@@ -14,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from medkd.files import write_text
-from medkd.stages.runner import run_stage
+from medkd.stages.runner import add_arguments, run_from_arguments
 from medkd.stages.schema import check_params, train_config
 from medkd.train import precision_problem, resolve_device
 
@@ -52,12 +53,6 @@ def check_params_command(params_file: Path, stamp: Path | None) -> int:
     return 0
 
 
-def _parameter_value(text: str):
-    """papermill's -p: YAML scalars (numbers, booleans) become values, anything else stays a string."""
-    value = yaml.safe_load(text)
-    return value if isinstance(value, (int, float, bool)) else text
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The parser with this module's commands, and its subparsers for more."""
     parser = argparse.ArgumentParser(prog="medkd", description="medkd: multimodal knowledge distillation study")
@@ -65,10 +60,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     check = sub.add_parser("check-params", help="check params.yaml against the schema (all problems at once)")
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     check.add_argument("--stamp", type=Path, default=None, help="write this file when the params are valid")
-    run = sub.add_parser("run-stage", help="run a stage notebook with papermill (DVC's stage command)")
-    run.add_argument("notebook", type=Path)
-    run.add_argument("output", type=Path)
-    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    add_arguments(sub.add_parser("run-stage", help="run a stage notebook with papermill (DVC runs it as "
+                                                   "`python -m medkd.stages.runner`)"))
     return parser, sub
 
 
@@ -76,8 +69,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Run `check-params` or `run-stage`."""
     if args.command == "check-params":
         return check_params_command(args.params, args.stamp)
-    parameters = {name: _parameter_value(value) for name, value in args.parameter}
-    return run_stage(args.notebook, args.output, parameters)
+    return run_from_arguments(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,12 +62,12 @@ def all_modules() -> list[str]:
 
 
 def stage_entry_modules(body: dict, variables: dict) -> tuple[str, set[str]]:
-    """What a stage's command runs: its notebook's medkd imports, plus the module of `python -m medkd[.cli]`."""
+    """What a stage's command runs: its notebook's medkd imports, plus the module of `python -m medkd[.cli|.stages.runner]`."""
     roots, names = set(), []
     cmd = body["cmd"]
     for name, value in variables.items():
         cmd = cmd.replace("${" + name + "}", str(value))
-    for module in ("medkd", "medkd.cli"):
+    for module in ("medkd", "medkd.cli", "medkd.stages.runner"):
         if f" -m {module} " in f" {cmd} ":
             roots.add(f"{module}.__main__" if module == "medkd" else module)
             names.append(f"python -m {module}")
@@ -104,7 +104,8 @@ def test_the_deps_check_notices_a_missing_module():
     deps = dvc["stages"]["teacher"]["do"]["deps"]
     deps.remove("medkd/losses.py")
     assert stage_deps_problems(dvc) == [
-        "stage 'teacher' (python -m medkd.cli + notebooks/02_teacher.ipynb) does not depend on ['medkd/losses.py']"]
+        "stage 'teacher' (python -m medkd.stages.runner + notebooks/02_teacher.ipynb) does not depend on "
+        "['medkd/losses.py']"]
 
 
 def test_every_stage_waits_for_the_params_check():

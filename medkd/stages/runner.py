@@ -1,4 +1,6 @@
-"""`medkd run-stage`: run one stage notebook with papermill, as DVC's stage command.
+"""`medkd run-stage`: run one stage notebook with papermill, as DVC's stage command
+(`python -m medkd.stages.runner NOTEBOOK OUTPUT [-p NAME VALUE]...`, which imports no torch: the
+kernel does that once, not the runner too).
 
 What it adds to a bare `papermill` call:
 - a failed stage ends with one line naming the cause (`stage failed: ParamsError: …`), above
@@ -12,6 +14,7 @@ What it adds to a bare `papermill` call:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import papermill
+import yaml
 from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
@@ -112,3 +116,30 @@ def _report_failure(ename: str, evalue: str, output: Path, out, interrupted: boo
         return EXIT_INTERRUPTED
     print(f"stage failed: {ename}: {lines[0]} (traceback in {output})", file=out, flush=True)
     return EXIT_FAILED
+
+
+def parameter_value(text: str):
+    """papermill's -p: YAML scalars (numbers, booleans) become values, anything else stays a string."""
+    value = yaml.safe_load(text)
+    return value if isinstance(value, (int, float, bool)) else text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+
+
+def run_from_arguments(args: argparse.Namespace) -> int:
+    return run_stage(args.notebook, args.output, {name: parameter_value(value) for name, value in args.parameter})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medkd.stages.runner",
+                                     description="run a stage notebook with papermill (DVC's stage command)")
+    add_arguments(parser)
+    return run_from_arguments(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
