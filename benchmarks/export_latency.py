@@ -63,11 +63,13 @@ def main() -> None:
     params = yaml.safe_load(args.params.read_text())
     variant = export_section(params).variant
     students = args.only or list(params["students"])
-    rows, teachers = [], {}
+    rows, teachers, datas = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in students:
             dataset = params["students"][name]["dataset"]
-            data = load_data(params, dataset, REPO)
+            if dataset not in datas:
+                datas[dataset] = load_data(params, dataset, REPO)
+            data = datas[dataset]
             if dataset not in teachers:
                 teacher_cfg = teacher_configs(params, dataset)[0]
                 teachers[dataset] = exported_session(teacher_cfg, data, Path(tmp) / f"teacher-{dataset}")

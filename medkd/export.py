@@ -322,8 +322,8 @@ def paired_speedup(run: Callable[[Mapping], object], reference: Callable[[Mappin
     """Speed-up of `run` over `reference` (the teacher), both timed alternately on the same samples.
 
     Pair k times both on `batches[k]` (cycled), which of the two goes first alternating, so that a
-    change of the machine's speed during the measurement, or between stages, slows both alike. Speed-up = the
-    reference's p50 over the model's; its 95% interval: percentiles over `resamples` moving-block
+    change of the machine's speed during the measurement, or between stages, slows both alike.
+    Speed-up = the reference's p50 over the model's; its 95% interval: percentiles over `resamples` moving-block
     bootstrap resamples (runs of `block` consecutive pairs, fixed seed), since timing noise comes in
     bursts and neighbouring pairs are not independent. The interval covers this measurement's timing
     noise; repeated measurements on one machine also differ by a few percent (README, "Deployment"),

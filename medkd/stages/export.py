@@ -82,12 +82,14 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
                      ort(sessions[max(section.threads)]), batches)},
         "eager_avg_f1": round(eager.avg_f1(), 4),
     }
-    if teacher is not None:
+    if teacher is not None:  # on one thread, like the teacher, whatever `export.threads` lists
+        single_thread = sessions.get(1) or export.session(folder / export.FP32, 1)
+
         def run_teacher(batch):
             return teacher.logits(*export.onnx_inputs(batch, TEACHER_ROLE).values())
 
         result["speedup_vs_teacher"] = {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1,
-                                        **export.paired_speedup(ort(sessions[1]), run_teacher, singles, **timing)}
+                                        **export.paired_speedup(ort(single_thread), run_teacher, singles, **timing)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
