@@ -121,6 +121,23 @@ def test_figures_are_written_whole(runs, medpix, tmp_path):
     assert all((tmp_path / name).read_bytes().startswith(PNG) for name in written)
 
 
+def test_log_axes_label_1_2_3_5_steps_in_plain_numbers_and_one_size():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.scatter([4.7, 12.0, 66.0], [0.6, 0.7, 0.8])
+    report._log_x(ax)
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    shown = [(tick.get_loc(), tick.label1.get_text(), tick.label1.get_fontsize()) for tick in ax.xaxis.get_major_ticks()
+             if low <= tick.get_loc() <= high]
+    assert [text for _, text, _ in shown] == ["5", "10", "20", "30", "50"]
+    assert all(loc == float(text) for loc, text, _ in shown)
+    assert len({size for _, _, size in shown}) == 1
+    assert not any(tick.label1.get_text() for tick in ax.xaxis.get_minor_ticks())
+    plt.close(fig)
+
+
 def test_data_report_markdown_explains_label_word_columns(medpix):
     summary = {"dataset": "medpix", "sizes": {"train": 10}, "text_fields": ["Caption"]}
     text = report.data_report_markdown(summary, report.class_balance(medpix), report.text_statistics(medpix))
