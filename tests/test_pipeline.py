@@ -95,6 +95,8 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
             assert paired["teacher"] == f"teacher-{params['students'][model]['dataset']}"
             assert paired["ci95"][0] <= paired["speedup"] <= paired["ci95"][1]
     assert "Speed-up vs teacher [95% CI]" in results
+    assert "(batch 1, 1 thread): met by " in results and f" of {len(params['students'])} students" in results
+    assert "**int8 costs at most 0.01 avg F1**: met by " in results
     assert json.loads((root / "models" / "export" / "tiny-a-masked" / "preprocessing.json").read_text())["text"][
         "mask_terms"][:2] == ["CT", "MR"]
     assert (root / "reports" / "optuna" / "optimization_history.png").exists()

@@ -138,6 +138,32 @@ def test_log_axes_label_1_2_3_5_steps_in_plain_numbers_and_one_size():
     plt.close(fig)
 
 
+def _deployment(model, int8_change, paired=None):
+    d = {"model": model, "int8": {"avg_f1_change": int8_change}}
+    if paired is not None:
+        d["speedup_vs_teacher"] = {"speedup": paired[0], "ci95": list(paired[1:])}
+    return d
+
+
+def test_deployment_goals_judge_each_speed_up_by_its_interval_and_each_int8_change():
+    deployments = [_deployment("teacher-medpix", -0.007), _deployment("s-fast", 0.0, (5.3, 5.0, 5.6)),
+                   _deployment("s-close", -0.01, (5.24, 4.97, 5.55)), _deployment("s-slow", -0.0101, (4.51, 4.31, 4.82)),
+                   _deployment("s-unpaired", 0.002)]
+    assert [report.speedup_verdict(d.get("speedup_vs_teacher"), 5.0) for d in deployments[1:]] == [
+        "met", "not detectable", "missed", "not measured"]
+    assert report.speedup_verdict({"ci95": [4.2, 4.99]}, 5.0) == "missed"
+    assert report.speedup_verdict({"ci95": [6.1, 7.0]}, 6.5) == "not detectable"
+    speed, int8 = report.deployment_goals(deployments, 5.0, 0.01)[2:]
+    assert speed == ("- **Speed-up ≥ 5× over the teacher** (batch 1, 1 thread): met by 1 of 4 students; "
+                     "not detectable: s-close (5.24× [4.97, 5.55]); missed: s-slow (4.51× [4.31, 4.82]); "
+                     "not measured: s-unpaired.")
+    # -0.01 is within a 0.01 allowance; -0.0101 is not. The teacher counts for int8 (it is exported too).
+    assert int8 == ("- **int8 costs at most 0.01 avg F1**: met by 4 of 5 models (largest change -0.010); "
+                    "missed: s-slow (-0.010).")
+    lines = report.deployment_goals(deployments[:2], 5.0, 0.02)
+    assert lines[2].endswith("met by 1 of 1 students.") and lines[3].endswith("(largest change -0.007).")
+
+
 def test_data_report_markdown_explains_label_word_columns(medpix):
     summary = {"dataset": "medpix", "sizes": {"train": 10}, "text_fields": ["Caption"]}
     text = report.data_report_markdown(summary, report.class_balance(medpix), report.text_statistics(medpix))

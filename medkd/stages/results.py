@@ -14,7 +14,7 @@ from medkd.files import atomic_write, reset_dir, write_text
 from medkd.metrics import load_run
 from medkd.params import project_root
 from medkd.stages.common import Paths
-from medkd.stages.schema import data_config, primary_student, student_runs, variant_bases
+from medkd.stages.schema import data_config, export_section, primary_student, student_runs, variant_bases
 
 
 def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
@@ -116,6 +116,8 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
         atomic_write(out / "loss_drivers.csv", lambda p: drivers.to_csv(p, index=False))
     deployments = [json.loads(f.read_text()) for f in sorted(paths.export_reports().glob("*/deployment.json"))]
     deployment = report.deployment_table(deployments) if deployments else None
+    section = export_section(params)
+    goals = report.deployment_goals(deployments, section.speedup_goal, section.int8_max_f1_drop) if deployments else []
     if deployments:
         atomic_write(out / "deployment.csv", lambda p: deployment.to_csv(p, index=False))
         report.plot_latency_vs_f1(deployments, out / "latency_vs_f1.png")
@@ -125,6 +127,7 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     report.plot_confusions(runs, out / "confusion_matrices.png")
     report.plot_training_curves(runs, out / "training_curves.png")
     write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics, intervals,
-                                                           ablations, masking, drivers, deployment))
+                                                           ablations, masking, drivers, deployment, goals))
     return {"runs": runs, "tables": tables, "intervals": intervals, "ablations": ablations, "masking": masking,
-            "drivers": drivers, "deployment": deployment, "hyper": hyper, "out": out}
+            "drivers": drivers, "deployment": deployment, "goals": goals, "hyper": hyper,
+            "out": out}

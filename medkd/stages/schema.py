@@ -240,6 +240,9 @@ class ExportSection(_Section):
     throughput_batch: Annotated[int, Field(ge=2)] = 32
     int8: bool = True  # also a dynamically quantized int8 model: its size, latency and test F1
     parity_tolerance: Annotated[float, Field(gt=0.0)] = 1e-4  # max |Δlogit| vs PyTorch eager fp32; above it: fail
+    # The deployment goals the report checks (results.md, "Deployment"); reported, they stop nothing:
+    speedup_goal: Annotated[float, Field(gt=1.0)] = 5.0  # each student's paired speed-up over its teacher
+    int8_max_f1_drop: Annotated[float, Field(ge=0.0)] = 0.01  # avg F1 the int8 model may lose (fp32 - int8)
 
     @model_validator(mode="after")
     def _one_thread(self):
