@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from medkd import export
+from medkd.report import speedup_verdict
 from medkd.data import make_loader
 from medkd.environment import cpu_model
 from medkd.files import write_json
@@ -61,7 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = yaml.safe_load(args.params.read_text())
-    variant = export_section(params).variant
+    section = export_section(params)
+    variant = section.variant
     students = args.only or list(params["students"])
     rows, teachers, datas = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +89,8 @@ def main() -> None:
                          "params (M)": round(student_params / 1e6, 2),
                          "teacher params (M)": round(teacher_params / 1e6, 2), "p50 ms": paired["p50_ms"],
                          "teacher p50 ms": paired["reference_p50_ms"], "speed-up": paired["speedup"],
-                         "95% CI": f"[{low:.2f}, {high:.2f}]"})
+                         "95% CI": f"[{low:.2f}, {high:.2f}]",
+                         f"≥ {section.speedup_goal:g}×": speedup_verdict(paired, section.speedup_goal)})
             print(rows[-1], flush=True)
     setting = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}; ONNX Runtime {ort.__version__}, batch 1, "
                f"1 thread, {args.runs} timed pairs per student on real test samples; random weights, {variant} "
