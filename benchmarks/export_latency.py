@@ -27,11 +27,11 @@ import torch
 import yaml
 
 from medkd import export
-from medkd.report import speedup_verdict
 from medkd.data import make_loader
 from medkd.environment import cpu_model
 from medkd.files import write_json
 from medkd.models import build_model, count_parameters
+from medkd.report import speedup_verdict
 from medkd.stages.common import load_data
 from medkd.stages.schema import export_section, student_configs, teacher_configs
 

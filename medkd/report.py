@@ -39,9 +39,6 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- data report
-
-
 def _log_x(ax) -> None:
     """A log x axis labelled in plain numbers at 1, 2, 3, 5 x 10^k, all in one font size and each with its
     grid line (matplotlib's default labels only the powers of ten, so a 5-70 ms range shows one label)."""
@@ -49,6 +46,9 @@ def _log_x(ax) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+# --------------------------------------------------------------------------- data report
 
 
 def class_balance(data: PreparedData) -> pd.DataFrame:
