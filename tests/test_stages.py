@@ -18,6 +18,7 @@ from medkd.stages.common import Paths, open_stage
 from medkd.datasets import DataError
 from medkd.stages.distill import distill_stage
 from medkd.stages.prepare import prepare_stage
+from medkd.stages.results import read_deployments
 from medkd.stages.schema import ParamsError, student_runs
 from medkd.stages.tune import optuna_stage
 from medkd.synthetic import make_synthetic_medpix
@@ -183,3 +184,14 @@ def test_a_distill_stage_runs_data_parallel_under_torchrun(project, tmp_path):
         + ["reports/metrics/distill-tiny-b.json"])
     assert all((root / name).stat().st_mtime >= started for name in written)  # written by this run
     assert not list((paths.state() / "resume").glob("distill-tiny-b-*"))
+
+
+def test_the_report_reads_the_exports_of_the_models_params_names_only(tmp_path):
+    # A renamed student's export folder stays on disk (DVC does not delete a dropped stage's outputs).
+    paths = Paths(tmp_path)
+    for model in ("old-student", "s-b", "teacher-medpix", "teacher-gone"):
+        folder = paths.export_report(model)
+        folder.mkdir(parents=True)
+        (folder / "deployment.json").write_text(json.dumps({"model": model}))
+    params = {"teachers": {"medpix": {}, "wound": {}}, "students": {"s-b": {}, "s-a": {}}}
+    assert [d["model"] for d in read_deployments(params, paths)] == ["teacher-medpix", "s-b"]

@@ -17,10 +17,9 @@ from medkd.models import ModelConfig, count_parameters
 from medkd.params import project_root
 from medkd.predict import Predictor, PredictError, load_predictor
 from medkd.stages.common import Paths, load_data
-from medkd.stages.schema import export_section, student_runs
+from medkd.stages.schema import TEACHER_PREFIX, export_section, student_runs
 from medkd.train import load_checkpoint
 
-TEACHER_PREFIX = "teacher-"  # export stage models: "teacher-<dataset>" or a student's name
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
 
 

@@ -14,7 +14,8 @@ from medkd.files import atomic_write, reset_dir, write_text
 from medkd.metrics import load_run
 from medkd.params import project_root
 from medkd.stages.common import Paths
-from medkd.stages.schema import data_config, export_section, primary_student, student_runs, variant_bases
+from medkd.stages.schema import (data_config, export_section, exported_models, primary_student, student_runs,
+                                 variant_bases)
 
 
 def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
@@ -82,6 +83,13 @@ def loss_term_probes(params: Mapping, paths: Paths, variants: tuple[str, ...] = 
     return probes
 
 
+def read_deployments(params: Mapping, paths: Paths) -> list[dict]:
+    """The export stages' deployment.json of the models `params` exports, in its order. Folders of models
+    no longer in params (a student renamed or dropped) stay on disk, as DVC leaves them: they are not read."""
+    files = [paths.export_report(model) / "deployment.json" for model in exported_models(params)]
+    return [json.loads(file.read_text()) for file in files if file.exists()]
+
+
 def report_stage(params: Mapping, root: Path | None = None) -> dict:
     root = root or project_root()
     paths = Paths(root)
@@ -114,7 +122,7 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     if probes:
         report.plot_loss_drivers(probes, out / "loss_drivers.png")
         atomic_write(out / "loss_drivers.csv", lambda p: drivers.to_csv(p, index=False))
-    deployments = [json.loads(f.read_text()) for f in sorted(paths.export_reports().glob("*/deployment.json"))]
+    deployments = read_deployments(params, paths)
     deployment = report.deployment_table(deployments) if deployments else None
     section = export_section(params)
     goals = report.deployment_goals(deployments, section.speedup_goal, section.int8_max_f1_drop) if deployments else []

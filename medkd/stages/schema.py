@@ -126,6 +126,15 @@ def variant_bases(params: Mapping) -> dict[str, str | None]:
     return {name: (params["distill"][name] or {}).get("base") for name in variants(params)}
 
 
+TEACHER_PREFIX = "teacher-"  # export stage models: "teacher-<dataset>" or a student's name
+
+
+def exported_models(params: Mapping) -> list[str]:
+    """The models the export stages of `params` write (`export-teacher@<dataset>`, `export@<student>`):
+    each teacher as "teacher-<dataset>", then each student."""
+    return [f"{TEACHER_PREFIX}{dataset}" for dataset in params.get("teachers", {})] + list(params.get("students", {}))
+
+
 def primary_student(params: Mapping) -> str | None:
     """The study's primary student: the one Optuna tunes (its comparisons run over several seeds)."""
     optuna = params.get("optuna")
