@@ -21,6 +21,7 @@ from medkd.stages.schema import TEACHER_PREFIX, export_section, student_runs
 from medkd.train import load_checkpoint
 
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
+DATA_SETTINGS = ("image_size", "max_length", "mask_terms")  # how a model reads the test split
 
 
 def deployed_checkpoint(params: Mapping, paths: Paths, model: str) -> tuple[Path, str, str]:
@@ -42,12 +43,11 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     data = load_data(params, dataset, root)
     classifier, payload = load_checkpoint(checkpoint)
     classifier = classifier.float().eval()
-    for key in ("image_size", "max_length", "mask_terms"):  # the test split is read as the model was trained
-        trained, now = payload["data"].get(key), getattr(data.config, key)
-        if (list(trained) if isinstance(trained, (list, tuple)) else trained) != (
-                list(now) if isinstance(now, tuple) else now):
-            raise export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
-                                     f"params.yaml now says {now!r}: re-run its training stage first")
+    changed = changed_data_setting(payload["data"], data.config)  # the test split is read as the model was trained
+    if changed:
+        key, trained, now = changed
+        raise export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
+                                 f"params.yaml now says {now!r}: re-run its training stage first")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
     tokenizer = model_cfg.tokenizer()
     teacher = None if run == "teacher" else exported_teacher(paths, dataset, data.config)
@@ -117,14 +117,24 @@ def exported_teacher(paths: Paths, dataset: str, data_config) -> Predictor:
     except PredictError as err:
         raise export.ExportError(f"the teacher's export is needed to time the student against it: {err} "
                                  f"(run `dvc repro export-teacher@{dataset}`)") from None
-    seen = {"image_size": teacher.image_size, "max_length": teacher.max_length,
-            "mask_terms": tuple(teacher.mask_terms)}
-    for key, value in seen.items():
-        now = tuple(getattr(data_config, key)) if key == "mask_terms" else getattr(data_config, key)
-        if value != now:
-            raise export.ExportError(f"{folder} was exported with {key} = {value!r}, data.{dataset}.{key} is now "
-                                     f"{now!r}: re-run export-teacher@{dataset}")
+    changed = changed_data_setting({"image_size": teacher.image_size, "max_length": teacher.max_length,
+                                    "mask_terms": teacher.mask_terms}, data_config)
+    if changed:
+        key, value, now = changed
+        raise export.ExportError(f"{folder} was exported with {key} = {value!r}, data.{dataset}.{key} is now "
+                                 f"{now!r}: re-run export-teacher@{dataset}")
     return teacher
+
+
+def changed_data_setting(recorded: Mapping, data_config) -> tuple[str, object, object] | None:
+    """The first of the settings that decide how the test split is read (image size, token length,
+    masked words) whose recorded value differs from `data_config`'s: (key, recorded, now), or None."""
+    for key in DATA_SETTINGS:
+        value, now = recorded.get(key), getattr(data_config, key)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != (
+                list(now) if isinstance(now, (list, tuple)) else now):
+            return key, value, now
+    return None
 
 
 def lean_metrics(result: Mapping) -> dict:
