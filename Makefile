@@ -42,16 +42,16 @@ repro: $(STAMP) $(OFFLINE_STAMP) data
 exp: $(STAMP) $(OFFLINE_STAMP) data
 	$(BIN)/dvc exp run $(ARGS)
 
-# The full study (params.yaml plus the ablations and caption masking; about 81 min here, README); replaces params.yaml.
-full: $(STAMP)
-	cp configs/full.yaml params.yaml
-	$(MAKE) repro
+# Presets are overlays on params.yaml, run as DVC experiments in a temporary copy of the workspace:
+# params.yaml is never written (docs/presets.md). Results: `dvc exp show`, `dvc exp apply <name>`.
+# The full study: params.yaml plus the ablations and caption masking.
+full: $(STAMP) $(OFFLINE_STAMP) data
+	$(BIN)/medkd preset run configs/full.yaml
 
-# The study's exact setup (needs the model hub and, realistically, a GPU); replaces params.yaml.
+# The study's exact setup (needs the model hub and, realistically, a GPU).
 paper: $(STAMP)
-	cp configs/paper.yaml params.yaml
 	$(MAKE) data MEDKD_DATA_MIRROR=
-	$(BIN)/dvc repro
+	$(BIN)/medkd preset run configs/paper.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

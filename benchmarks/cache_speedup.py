@@ -19,7 +19,7 @@ from medkd.data import DataConfig, PreparedData
 from medkd.losses import LossConfig
 from medkd.models import ModelConfig, build_model
 from medkd.synthetic import make_synthetic_medpix
-from medkd.train import TrainConfig, distill_student, save_checkpoint
+from medkd.train import Distillation, TeacherSource, TrainConfig, distill_student, save_checkpoint
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="training steps timed per mode")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--medpix", default=None,
                         help="a MedPix-2.0 folder (real captions, real images); default: synthetic data")
@@ -55,19 +55,20 @@ def main() -> None:
         student_cfg = ModelConfig(s_vision, s_text, fusion_dim=384, fusion_layers=2, fusion_heads=4)
         teacher_path = tmp / "teacher.pt"
         save_checkpoint(teacher_path, build_model(teacher_cfg, data.vocab.num_classes), teacher_cfg, data.vocab, data)
-        cfg = TrainConfig(epochs=1, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
+        cfg = TrainConfig(epochs=1, batch_size=args.batch_size, device=args.device, precision=args.precision,
                           max_steps_per_epoch=args.steps, lr=1.05e-4)
         rates = {}
         for mode, use_cache in (("live", False), ("cached", True)):
             started = time.perf_counter()
-            run = distill_student(data, teacher_path, student_cfg, LossConfig(nce_k=256), cfg, tmp / mode,
-                                  cache_path=tmp / "cache.pt", use_cache=use_cache, evaluate_test=False)
+            source = TeacherSource(teacher_path, cache_path=tmp / "cache.pt", live=not use_cache)
+            run = distill_student(data, Distillation(student_cfg, LossConfig(nce_k=256), cfg, tmp / mode, source,
+                                                     evaluate_test=False))
             loop = run.history[0]["train_seconds"]
             rates[mode] = args.steps / loop
             print(f"{mode:>6}: {rates[mode]:.2f} steps/s ({loop:.1f} s for {args.steps} steps; "
                   f"whole call incl. cache build + dev eval {time.perf_counter() - started:.1f} s)")
         print(f"teacher {args.teacher}, student {args.student}, {args.image_size}px, {args.max_length} tokens, "
-              f"batch {args.batch_size}, bf16={args.bf16}, device={cfg.device}, threads={torch.get_num_threads()}")
+              f"batch {args.batch_size}, precision={args.precision}, device={cfg.device}, threads={torch.get_num_threads()}")
         print(f"cached/live speed ratio: {rates['cached'] / rates['live']:.2f}x")
 
 

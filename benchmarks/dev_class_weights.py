@@ -19,8 +19,9 @@ import pandas as pd
 from medkd.files import write_json
 from medkd.params import load_params, project_root
 from medkd.stages.common import load_data
-from medkd.stages.schema import primary_student, student_configs
-from medkd.train import distill_student
+from medkd.stages.runs import primary_student
+from medkd.stages.schema import student_configs
+from medkd.train import Distillation, TeacherSource, distill_student
 
 
 def main() -> None:
@@ -38,8 +39,9 @@ def main() -> None:
             model_cfg, loss_cfg, cfg = student_configs(params, student, "no-kd", {"loss.class_weights": setting},
                                                        source="dev_class_weights", seed=seed)
             with tempfile.TemporaryDirectory() as tmp:
-                result = distill_student(data, Path(tmp) / "no-teacher.pt", model_cfg, loss_cfg, cfg, Path(tmp),
-                                         evaluate_test=False)
+                result = distill_student(data, Distillation(model_cfg, loss_cfg, cfg, Path(tmp),
+                                                            TeacherSource(Path(tmp) / "no-teacher.pt"),
+                                                            evaluate_test=False))
             dev = result.dev
             rows.append({"class_weights": setting, "seed": seed, "dev_avg_f1": dev["avg_f1"],
                          **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in data.vocab.tasks}})

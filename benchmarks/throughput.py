@@ -9,7 +9,8 @@ For every model (random weights: speed does not depend on them), with the speed 
 - FLOPs per sample counted by PyTorch's `torch.utils.flop_counter.FlopCounterMode` (forward;
   a training step = 3x, see `forward_flops_per_sample`), the achieved GFLOP/s of the model's
   forward+backward, and that as a share of this machine's dense-matmul ceiling measured in the
-  same run (`torch.mm` of 2048 x 2048, fp32 and bf16).
+  same run (`torch.mm` of 2048 x 2048: fp32, and bf16 only where the CPU has bf16 instructions; an
+  emulated bf16 matmul would take minutes and measure nothing a run would use).
 
     .venv/bin/python benchmarks/throughput.py [--steps 8] [--medpix ../shared/data/medpix-2.0]
 """
@@ -35,12 +36,12 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from medkd.data import DataConfig, PreparedData, make_loader
-from medkd.environment import cpu_model
+from medkd.environment import bf16_is_native, cpu_model
 from medkd.models import build_model
 from medkd.stages.schema import student_configs, teacher_configs
 from medkd.train import (
-    TrainConfig, autocast, batch_inputs, build_teacher_cache, distill_student, evaluate, resolve_device,
-    save_checkpoint, train_teacher,
+    Distillation, TeacherSource, TrainConfig, autocast, batch_inputs, build_teacher_cache, distill_student,
+    evaluate, resolve_device, save_checkpoint, train_teacher, uses_bf16,
 )
 
 _OFF = {"channels_last": False, "fused_optimizer": False, "eval_by_length": False, "train_by_length": False,
@@ -78,7 +79,8 @@ def forward_flops_per_sample(model, batch, cfg: TrainConfig, role: str, device) 
     2x for a 64-channel depthwise 3x3), which inflates MobileNet/EfficientNet steps about 6x.
     """
     model.eval()
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(), autocast(device, cfg.bf16):
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), \
+            autocast(device, uses_bf16(cfg.precision, device)):
         model(*batch_inputs(batch, role, device, cfg.channels_last))
     return counter.get_total_flops() / len(batch["index"])
 
@@ -89,8 +91,9 @@ def measure(name: str, role: str, model_cfg, loss_cfg, cfg: TrainConfig, data: P
     if role == "teacher":
         run = train_teacher(data, model_cfg, cfg, tmp / f"{name}-run")
     else:
-        run = distill_student(data, teacher_ckpt, model_cfg, loss_cfg, cfg, tmp / f"{name}-run", cache_path=cache_path,
-                              rebuild_stale_cache=False, evaluate_test=False)
+        run = distill_student(data, Distillation(model_cfg, loss_cfg, cfg, tmp / f"{name}-run",
+                                                 TeacherSource(teacher_ckpt, cache_path=cache_path, rebuild_stale=False),
+                                                 evaluate_test=False))
     epoch = run.history[-1]  # the second epoch: kernels set up, caches warm
     busy = epoch["seconds_data"] + epoch["seconds_model"] + epoch["seconds_optimizer"]
     model = build_model(model_cfg, data.vocab.num_classes, pretrained=False).to(device)
@@ -134,9 +137,12 @@ def main() -> None:
         section["root"] = str(args.medpix)
     data_cfg = DataConfig.from_dict(section)
     threads = torch.get_num_threads()
-    ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
-    print(f"matmul ceiling 2048^2: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s "
-          f"({threads} threads)", flush=True)
+    native_bf16 = bf16_is_native(torch.device("cpu"))
+    ceiling = {"fp32": matmul_ceiling(torch.float32),
+               "bf16": matmul_ceiling(torch.bfloat16) if native_bf16 else float("nan")}
+    bf16_ceiling = f"{ceiling['bf16']:.0f} GFLOP/s" if native_bf16 else "not measured (emulated on this CPU)"
+    print(f"matmul ceiling 2048^2: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {bf16_ceiling} ({threads} threads)",
+          flush=True)
 
     teacher_cfg, teacher_train = teacher_configs(params, args.dataset)
     teacher_cfg = replace(teacher_cfg, pretrained=False)
@@ -177,7 +183,7 @@ def main() -> None:
                                          "max_steps_per_epoch": args.steps})
                     loss_cfg = loss_cfg or student_configs(params, next(iter(params["students"])), "tuned")[1]
                     result = measure(name, role, model_cfg, loss_cfg, cfg, data, teacher_ckpt, cache_path, tmp)
-                    precision = "bf16" if cfg.bf16 else "fp32"
+                    precision = "bf16" if uses_bf16(cfg.precision, resolve_device(cfg.device)) else "fp32"
                     result.update(model=name, backbones=f"{model_cfg.vision} + {model_cfg.text}", variant=variant,
                                   repeat=repeat, cache_build_sps=cache_rate, precision=precision,
                                   ceiling_share=result["train_gflops"] / ceiling[precision])

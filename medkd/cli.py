@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from medkd.environment import precision_problem, resolve_device
 from medkd.files import write_text
 from medkd.stages.runner import add_arguments, run_from_arguments
 from medkd.stages.schema import check_params, train_config
-from medkd.train import precision_problem, resolve_device
 
 STAMP_TEXT = "params.yaml fits the medkd schema (written by `medkd check-params`)\n"
 
@@ -40,7 +40,7 @@ def check_params_command(params_file: Path, stamp: Path | None) -> int:
         return 2
     runtime = train_config(params)  # this machine, before any stage runs: a GPU it lacks, bf16 its CPU emulates
     try:
-        problem = precision_problem(resolve_device(runtime.device), runtime.bf16)
+        problem = precision_problem(resolve_device(runtime.device), runtime.precision)
     except RuntimeError as err:
         problem = f"runtime.device: {err}"
     if problem:

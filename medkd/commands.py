@@ -6,6 +6,7 @@ that run the engine outside DVC.
     medkd optuna-worker [--storage URL] [--root DIR]
     torchrun --nproc_per_node N -m medkd train {teacher DATASET | student STUDENT}
     medkd predict MODEL {--image PATH --text CAPTION | --csv FILE} [--out FILE]
+    medkd preset {show | overrides | run} PRESET
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from medkd.cli import build_parser, run_command
 from medkd.distributed import init_from_env, is_distributed
 from medkd.params import load_params, project_root
 from medkd.predict import main as predict_main
+from medkd.presets import main as preset_main
 from medkd.stages.distill import distill_stage
 from medkd.stages.lifecycle import die_with_parent
 from medkd.stages.schema import ParamsError, validate_params
@@ -76,13 +78,13 @@ def train_command(kind: str, name: str, root: Path | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["predict"]:  # its own parser (`medkd predict --help`), also `python -m medkd.predict`
-        return predict_main(argv[1:])
+def build_command_parser() -> argparse.ArgumentParser:
+    """The `medkd` command's parser (`predict` and `preset` parse their own arguments)."""
     parser, sub = build_parser()
     sub.add_parser("predict", add_help=False, help="predictions of an exported model (or a checkpoint) for your "
                                                    "own images and captions; `medkd predict --help`")
+    sub.add_parser("preset", add_help=False, help="a preset (configs/*.yaml, an overlay on params.yaml) shown, or "
+                                                  "run as a DVC experiment; `medkd preset --help`")
     worker = sub.add_parser("optuna-worker", help="join the Optuna study of params.yaml and run trials until it has "
                                                   "optuna.n_trials (one or several machines on one storage)")
     worker.add_argument("--storage", default=None,
@@ -98,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("kind", choices=["teacher", "student"])
     train.add_argument("name", help="the data set (teacher) or student name of params.yaml")
     train.add_argument("--root", type=Path, default=None, help="project folder (default: the one holding the cwd)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:  # its own parser (`medkd predict --help`), also `python -m medkd.predict`
+        return predict_main(argv[1:])
+    if argv[:1] == ["preset"]:  # its own parser, also `python -m medkd.presets`
+        return preset_main(argv[1:])
+    args = build_command_parser().parse_args(argv)
     if args.command == "optuna-worker":
         return optuna_worker_command(args.root, args.storage, args.worker, args.shared, args.with_parent)
     if args.command == "train":

@@ -1,19 +1,26 @@
-"""The config dataclasses' shared base (`ModelConfig`, `LossConfig`, `TrainConfig`, `DataConfig`).
+"""The configs of params.yaml's sections, and their shared base.
 
-Each is a frozen pydantic dataclass: built from a params.yaml mapping, values are validated and
-coerced on construction (types, ranges, registry names), unknown keys are refused. Their
-`pydantic.ValidationError`s carry the offending key, which `medkd.stages.schema` turns into the
-key path in params.yaml. A leaf module.
+`DataConfig` (`data.<name>`), `ModelConfig` (`model:` sections), `LossConfig` (`loss:`) and
+`TrainConfig` (`train:`, `seed`, `runtime:`) are frozen pydantic dataclasses: built from a
+params.yaml mapping, values are validated and coerced on construction (types, ranges, registry
+names), unknown keys are refused. Their `pydantic.ValidationError`s carry the offending key, which
+`medkd.stages.schema` turns into the key path in params.yaml. Each is the single place of its
+defaults. They live here, apart from the engine that uses them, so that checking params.yaml
+(`medkd check-params`) and preparing data need only the registries (backbones, data sets), not
+the training loop, the losses or the figures.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict
-from typing import Iterable, Mapping
+from dataclasses import asdict, field, fields
+from typing import Annotated, Iterable, Literal, Mapping
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
+
+from medkd.backbones import TrainBlocks, build_tokenizer, get_spec, list_backbones
+from medkd.datasets import DatasetSpec, check_leakage, get_dataset, list_datasets
 
 STRICT_KEYS = ConfigDict(extra="forbid")
 
@@ -44,3 +51,207 @@ class FromMapping:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@config_dataclass
+class DataConfig(FromMapping):
+    """One entry of `data:` in params.yaml: which registered data set, where, and how to read it.
+
+    `text_fields` / `label_fields` default to the data set's spec.
+    """
+
+    name: str  # a registered data set (medkd.datasets.list_datasets())
+    root: str
+    image_size: Annotated[int, Field(ge=8)] = 224
+    max_length: Annotated[int, Field(ge=4)] = 128  # text tokens
+    text_fields: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    label_fields: tuple[str, str] | None = None
+    # Words and phrases replaced by the tokenizer's mask (or unknown) token in every split's text:
+    # whole words, any case, a phrase's words separated by any whitespace (see `mask_words`).
+    mask_terms: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return one_of(name, list_datasets(), "data set")
+
+    @field_validator("mask_terms")
+    @classmethod
+    def _non_empty_terms(cls, terms: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not t.strip() for t in terms):
+            raise ValueError("mask_terms must be non-empty words or phrases")
+        return terms
+
+    @model_validator(mode="after")
+    def _spec_defaults(self):
+        spec = get_dataset(self.name)
+        object.__setattr__(self, "text_fields", tuple(self.text_fields or spec.text_fields))
+        object.__setattr__(self, "label_fields", tuple(self.label_fields or spec.label_fields))
+        check_leakage(spec, self.text_fields, self.label_fields)
+        return self
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return get_dataset(self.name)
+
+    @property
+    def task_names(self) -> tuple[str, str]:
+        return self.spec.tasks
+
+
+# --------------------------------------------------------------------------- model
+
+
+@config_dataclass
+class ModelConfig(FromMapping):
+    """A classifier by registry names plus its fusion settings: `model:` sections of params.yaml.
+
+    The single place where the model's defaults live (the study's teacher fusion).
+    """
+
+    vision: str  # a registered vision backbone
+    text: str  # a registered text backbone
+    fusion_dim: Annotated[int, Field(ge=1)] = 384
+    fusion_layers: Annotated[int, Field(ge=1)] = 1
+    fusion_heads: Annotated[int, Field(ge=1)] = 8
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    pretrained: bool = False
+    modalities: Annotated[tuple[Literal["image", "text"], ...], Field(min_length=1, max_length=2)] = ("image", "text")
+    vision_weights: str | None = None  # a local weights file or folder; wins over every other source
+    text_weights: str | None = None
+    # Partial fine-tuning: how many top blocks of each backbone train (CNN stages, ViT blocks, transformer
+    # layers); "all": the whole backbone, 0: a frozen trunk (projections, fusion and heads train).
+    # Below the trainable blocks the backbone is frozen and its outputs are cached once (medkd.trunks).
+    vision_train_blocks: TrainBlocks = "all"
+    text_train_blocks: TrainBlocks = "all"
+
+    @field_validator("vision")
+    @classmethod
+    def _registered_vision(cls, name: str) -> str:
+        return one_of(name, list_backbones("vision"), "vision backbone")
+
+    @field_validator("text")
+    @classmethod
+    def _registered_text(cls, name: str) -> str:
+        return one_of(name, list_backbones("text"), "text backbone")
+
+    @model_validator(mode="after")
+    def _blocks_exist(self):
+        for modality in ("vision", "text"):
+            blocks = getattr(self, f"{modality}_train_blocks")
+            if blocks == "all":
+                continue
+            spec = get_spec(getattr(self, modality), modality)
+            if spec.blocks is None:
+                raise ValueError(f"{modality}_train_blocks: backbone {spec.name!r} cannot be split into a frozen "
+                                 "trunk and trainable blocks; use all")
+            if not 0 <= blocks <= spec.blocks:
+                raise ValueError(f"{modality}_train_blocks must be 0..{spec.blocks} (the blocks of {spec.name!r}) "
+                                 f"or all, got {blocks}")
+        return self
+
+    @property
+    def frozen_trunks(self) -> bool:
+        """Whether some backbone has a frozen part (whose outputs can be cached)."""
+        return self.vision_train_blocks != "all" or self.text_train_blocks != "all"
+
+    @field_validator("modalities")
+    @classmethod
+    def _distinct(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be distinct, got {list(modalities)}")
+        return modalities
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.fusion_dim % self.fusion_heads:
+            raise ValueError(f"fusion_dim={self.fusion_dim} is not divisible by fusion_heads={self.fusion_heads}")
+        return self
+
+    def tokenizer(self):
+        return build_tokenizer(self.text, self.text_weights)
+
+
+# --------------------------------------------------------------------------- loss
+
+# The loss terms by name, in build = summation order, and whether each reads the teacher
+# (medkd.losses.TERMS builds them; adding a term = one entry here and one there).
+LOSS_TERMS: dict[str, bool] = {"ce": False, "kl": True, "mse": True, "crd": True}
+STUDY_WEIGHTS = {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
+
+
+@config_dataclass
+class LossConfig(FromMapping):
+    """`loss:` sections of params.yaml; the single place where the loss defaults live (the study's).
+
+    `weights` maps term names (see `LOSS_TERMS`) to their weights; a term left out, or weighted 0,
+    is neither built nor computed.
+    """
+
+    weights: dict[str, Annotated[float, Field(ge=0.0)]] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
+    class_weights: Literal["none", "balanced"] = "none"  # ce: "balanced" weighs each class by n / (K · n_class)
+    temperature: Annotated[float, Field(gt=0.0)] = 3.19  # kl
+    projection: Literal["fixed", "learned"] = "fixed"  # mse: P fixed orthogonal or trained
+    feat_dim: Annotated[int, Field(ge=1)] = 128  # crd embedding width
+    nce_k: Annotated[int, Field(ge=1)] = 1024  # crd negatives per anchor
+    nce_t: Annotated[float, Field(gt=0.0)] = 0.07  # crd temperature
+    nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # crd memory momentum
+
+    @field_validator("weights")
+    @classmethod
+    def _known_terms(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = [name for name in weights if name not in LOSS_TERMS]
+        if unknown:
+            hints = "".join(did_you_mean(name, LOSS_TERMS) for name in unknown)
+            raise ValueError(f"unknown term(s) {unknown}{hints}; terms: {list(LOSS_TERMS)}")
+        return weights
+
+    @property
+    def active_terms(self) -> list[str]:
+        """Terms with a non-zero weight, in `LOSS_TERMS` order (the order they are built and summed)."""
+        return [name for name in LOSS_TERMS if self.weights.get(name, 0.0)]
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a run with this loss reads the teacher at all (the one place this is decided)."""
+        return any(LOSS_TERMS[name] for name in self.active_terms)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@config_dataclass
+class TrainConfig(FromMapping):
+    """`train:` sections of params.yaml (plus `seed` and `runtime:`); the single place of their defaults."""
+
+    epochs: Annotated[int, Field(ge=1)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    eval_batch_size: Annotated[int, Field(ge=1)] = 64
+    lr: Annotated[float, Field(gt=0.0)] = 4.79e-5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # 0: no clipping
+    seed: int = 42
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    # fp32 everywhere by default, so training, evaluation, the ONNX export and `medkd predict` compute alike;
+    # bf16: autocast, only where the hardware has bf16 instructions; auto: bf16 there, fp32 elsewhere.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    augment: bool = False  # random flip/shift; forces a live teacher when distilling
+    # Frozen backbone parts (train_blocks below all) read their outputs from the trunk cache instead of
+    # running every step (medkd.trunks); false: they run live, under no_grad, on every batch.
+    trunk_cache: bool = True
+    channels_last: bool = True  # NHWC images and conv weights: faster CNN kernels on CPU (benchmarks/throughput.py)
+    eval_by_length: bool = True  # evaluation batches of similar text length: less padding, same outputs
+    fused_optimizer: bool = True  # one fused AdamW kernel instead of per-tensor updates
+    train_by_length: bool = False  # training batches drawn from shuffled pools of similar text length
+    compile: bool = False  # torch.compile (inductor) of the training model's forward
+    # Every N steps: each weighted loss term's gradient norm on the model (one extra backward pass per
+    # term on those steps; training itself is unchanged). 0: never. Written to the run's loss_terms.csv.
+    probe_every: Annotated[int, Field(ge=0)] = 0
+    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # for smoke runs

@@ -8,72 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, field_validator, model_validator
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
-from medkd.config import FromMapping, config_dataclass, one_of
+from medkd.config import DataConfig
+from medkd.datasets import SPLITS, DataError, Record, SplitSource, Vocab, check_leakage
 from medkd.distributed import shard, world_size
 from medkd.files import sha256_file
-from medkd.datasets import (
-    SPLITS, DataError, DatasetSpec, Record, SplitSource, Vocab, check_leakage, get_dataset, list_datasets,
-)
-
-
-@config_dataclass
-class DataConfig(FromMapping):
-    """One entry of `data:` in params.yaml: which registered data set, where, and how to read it.
-
-    `text_fields` / `label_fields` default to the data set's spec.
-    """
-
-    name: str  # a registered data set (medkd.datasets.list_datasets())
-    root: str
-    image_size: Annotated[int, Field(ge=8)] = 224
-    max_length: Annotated[int, Field(ge=4)] = 128  # text tokens
-    text_fields: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
-    label_fields: tuple[str, str] | None = None
-    # Words and phrases replaced by the tokenizer's mask (or unknown) token in every split's text:
-    # whole words, any case, a phrase's words separated by any whitespace (see `mask_words`).
-    mask_terms: tuple[str, ...] = ()
-
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        return one_of(name, list_datasets(), "data set")
-
-    @field_validator("mask_terms")
-    @classmethod
-    def _non_empty_terms(cls, terms: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not t.strip() for t in terms):
-            raise ValueError("mask_terms must be non-empty words or phrases")
-        return terms
-
-    @model_validator(mode="after")
-    def _spec_defaults(self):
-        spec = get_dataset(self.name)
-        object.__setattr__(self, "text_fields", tuple(self.text_fields or spec.text_fields))
-        object.__setattr__(self, "label_fields", tuple(self.label_fields or spec.label_fields))
-        check_leakage(spec, self.text_fields, self.label_fields)
-        return self
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
-
-    @property
-    def spec(self) -> DatasetSpec:
-        return get_dataset(self.name)
-
-    @property
-    def task_names(self) -> tuple[str, str]:
-        return self.spec.tasks
 
 
 def mask_pattern(terms: Sequence[str]) -> re.Pattern | None:
@@ -328,7 +276,7 @@ class PreparedData:
     labels: dict[str, torch.Tensor]
     vocab: Vocab
     _images: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
-    _content_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    _content_keys: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: DataConfig) -> "PreparedData":
@@ -369,6 +317,27 @@ class PreparedData:
         digest.update(self.labels[split].numpy().tobytes())
         digest.update(repr(self.vocab.to_dict()).encode())
         return digest.hexdigest()
+
+    def images_key(self, split: str) -> str:
+        """sha256 of a split's decoded, resized pixels in record order: all a vision trunk sees."""
+        return self._key(("images", split), lambda digest: (
+            digest.update(repr(self.config.image_size).encode()), digest.update(self.images(split).numpy().tobytes())))
+
+    def texts_key(self, split: str) -> str:
+        """sha256 of a split's texts in record order and how they are cut and masked (the tokenizer is
+        keyed apart): all a text trunk sees."""
+        def update(digest):
+            digest.update(repr((self.config.max_length, self.config.text_fields, self.config.mask_terms)).encode())
+            for record in self.records[split]:
+                digest.update(f"\x00{record.text}".encode())
+        return self._key(("texts", split), update)
+
+    def _key(self, name: tuple, update) -> str:
+        if name not in self._content_keys:
+            digest = hashlib.sha256()
+            update(digest)
+            self._content_keys[name] = digest.hexdigest()
+        return self._content_keys[name]
 
     def joint_train_labels(self) -> torch.Tensor:
         return joint_labels(self.labels["train"], self.vocab.num_classes)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from medkd.distributed import local_device
+
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "scikit-learn", "optuna")
 
 
@@ -24,18 +26,38 @@ def cpu_model() -> str:
 
 
 def cpu_runs_bf16_natively() -> bool:
-    """Whether this CPU has bf16 matrix instructions (x86: AVX512-BF16 or AMX). Without them torch
-    emulates bf16 products: 0.9 GFLOP/s against 103 in fp32 on a 2-core AVX2 EPYC (1024² `torch.mm`).
-    Other architectures are not judged here (True)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if not any(probes):  # a torch without these probes: no way to tell, so no objection
-        return True
-    return any(probe() for probe in probes if probe is not None)
+    """Whether this CPU has bf16 matrix instructions: x86 AVX512-BF16 or AMX (torch's own probes), Arm's
+    BF16 extension (`bf16` among /proc/cpuinfo's features). Without them torch emulates bf16 products:
+    0.9 GFLOP/s against 103 in fp32 on a 2-core AVX2 EPYC (1024² `torch.mm`). Anything that cannot be
+    told counts as emulated: fp32 is always right, bf16 on the wrong CPU looks like a hang."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(probe() for probe in probes if probe is not None)
+    if machine in ("aarch64", "arm64"):
+        return "bf16" in cpu_features()
+    return False
 
 
-def environment(device: torch.device, bf16: bool) -> dict:
+def cpu_features() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, Arm `Features`); empty if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (a CUDA GPU that supports it, or see cpu_runs_bf16_natively)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_runs_bf16_natively()
+
+
+def environment(device: torch.device, bf16: bool, requested: str | None = None) -> dict:
     """The machine, the ISA torch's CPU kernels use, GPU, threads, precision and library versions."""
     versions = {}
     for name in PACKAGES:
@@ -51,8 +73,37 @@ def environment(device: torch.device, bf16: bool) -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
-        "precision": "bf16 autocast" if bf16 else "fp32",
+        "precision": "bf16 autocast" if bf16 else "fp32",  # what ran
+        "precision_requested": requested,  # runtime.precision: fp32 | bf16 | auto
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
     }
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    spec = local_device(spec)  # under torchrun: this rank's GPU
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run with `precision` (fp32 | bf16 | auto) computes in bf16 autocast on `device`."""
+    return precision == "bf16" or (precision == "auto" and bf16_is_native(device))
+
+
+def precision_problem(device: torch.device, precision: str) -> str | None:
+    """Why `precision` cannot run on `device`, or None: bf16 on hardware without bf16 instructions is
+    emulated, about 100x slower than fp32 on a CPU (a teacher step of 230 s instead of 2), a run that
+    looks hung. `medkd check-params` (the pipeline's first stage) and every training run refuse it."""
+    if precision != "bf16" or bf16_is_native(device):
+        return None
+    where = (f"this CPU ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}) has no bf16 instructions "
+             "(AVX512-BF16 or AMX; on Arm the bf16 extension): it would be emulated, about 100x slower than fp32"
+             if device.type == "cpu" else f"GPU {torch.cuda.get_device_name(device)} has no native bf16")
+    return (f"runtime.precision is bf16, but {where}. Set runtime.precision: fp32 (the default) or auto "
+            "(bf16 where the hardware has it, fp32 elsewhere).")

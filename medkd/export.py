@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import shutil
 import statistics
 import tempfile
 import time
@@ -40,8 +39,9 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from medkd.data import MultimodalDataset, make_loader
-from medkd.files import write_json
+from medkd.files import replace_dir, write_json
 from medkd.models import TASK_LOGITS, ModelConfig
+from medkd.stats import percentile_interval
 
 FORMAT = "medkd-onnx-1"  # preprocessing.json's `format`, and the ONNX file's metadata
 FP32, INT8 = "model.onnx", "model.int8.onnx"
@@ -139,10 +139,7 @@ def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, example: M
     `example`: a batch of at least two real samples (its shapes are not baked in: batch and
     sequence axes are dynamic). The folder is written whole or not at all.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    def fill(staging: Path) -> None:
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         wrapped = _Logits(export_form(model.float())).eval()
         inputs = (example["pixel_values"].float(), example["input_ids"], example["attention_mask"])
@@ -162,12 +159,9 @@ def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, example: M
         spec = preprocessing(model_cfg, tasks, classes, image_size, max_length,
                              tokenizer_fingerprint(staging / TOKENIZER_DIR), mask_terms)
         write_json(staging / PREPROCESSING, spec)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+
+    replace_dir(out_dir, fill)
+    return Path(out_dir)
 
 
 @contextlib.contextmanager
@@ -326,7 +320,7 @@ def paired_speedup(run: Callable[[Mapping], object], reference: Callable[[Mappin
     Speed-up = the reference's p50 over the model's; its 95% interval: percentiles over `resamples` moving-block
     bootstrap resamples (runs of `block` consecutive pairs, fixed seed), since timing noise comes in
     bursts and neighbouring pairs are not independent. The interval covers this measurement's timing
-    noise; repeated measurements on one machine also differ by a few percent (README, "Deployment"),
+    noise; repeated measurements on one machine also differ by a few percent (docs/deployment.md),
     and another machine is another question.
     """
     def timed(call, batch):
@@ -348,9 +342,8 @@ def paired_speedup(run: Callable[[Mapping], object], reference: Callable[[Mappin
     starts = np.random.default_rng(seed).integers(0, runs - block + 1, size=(resamples, -(-runs // block)))
     picks = (starts[:, :, None] + np.arange(block)).reshape(resamples, -1)[:, :runs]
     ratios = np.median(reference_ms[picks], axis=1) / np.median(model_ms[picks], axis=1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return {"speedup": round(float(np.median(reference_ms) / np.median(model_ms)), 3),
-            "ci95": [round(float(low), 3), round(float(high), 3)],
+    interval = percentile_interval(float(np.median(reference_ms) / np.median(model_ms)), ratios)
+    return {"speedup": round(interval.estimate, 3), "ci95": [round(interval.low, 3), round(interval.high, 3)],
             "p50_ms": round(float(np.median(model_ms)), 3),
             "reference_p50_ms": round(float(np.median(reference_ms)), 3), "runs": runs, "resamples": resamples,
             "block": block}

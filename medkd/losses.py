@@ -10,58 +10,20 @@ logged parts (`train_<term>` in a run's history). Each term module is called as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Annotated, Callable, Literal, Mapping
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from medkd.config import FromMapping, config_dataclass, did_you_mean
+from medkd.config import LOSS_TERMS, LossConfig
 from medkd.distributed import all_reduce_sum, gather_rows, world_size
 from medkd.models import TASK_LOGITS
 
 Outputs = Mapping[str, torch.Tensor]
-STUDY_WEIGHTS = {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
-
-
-@config_dataclass
-class LossConfig(FromMapping):
-    """`loss:` sections of params.yaml; the single place where the loss defaults live (the study's).
-
-    `weights` maps term names (see `TERMS`) to their weights; a term left out, or weighted 0,
-    is neither built nor computed.
-    """
-
-    weights: dict[str, Annotated[float, Field(ge=0.0)]] = field(default_factory=lambda: dict(STUDY_WEIGHTS))
-    class_weights: Literal["none", "balanced"] = "none"  # ce: "balanced" weighs each class by n / (K · n_class)
-    temperature: Annotated[float, Field(gt=0.0)] = 3.19  # kl
-    projection: Literal["fixed", "learned"] = "fixed"  # mse: P fixed orthogonal or trained
-    feat_dim: Annotated[int, Field(ge=1)] = 128  # crd embedding width
-    nce_k: Annotated[int, Field(ge=1)] = 1024  # crd negatives per anchor
-    nce_t: Annotated[float, Field(gt=0.0)] = 0.07  # crd temperature
-    nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # crd memory momentum
-
-    @field_validator("weights")
-    @classmethod
-    def _known_terms(cls, weights: dict[str, float]) -> dict[str, float]:
-        unknown = [name for name in weights if name not in TERMS]
-        if unknown:
-            hints = "".join(did_you_mean(name, TERMS) for name in unknown)
-            raise ValueError(f"unknown term(s) {unknown}{hints}; terms: {list(TERMS)}")
-        return weights
-
-    @property
-    def active_terms(self) -> list[str]:
-        """Terms with a non-zero weight, in `TERMS` order (the order they are built and summed)."""
-        return [name for name in TERMS if self.weights.get(name, 0.0)]
-
-    @property
-    def uses_teacher(self) -> bool:
-        return any(TERMS[name].uses_teacher for name in self.active_terms)
 
 
 def kd_kl_loss(
@@ -359,7 +321,6 @@ class LossContext:
 @dataclass(frozen=True)
 class Term:
     build: Callable[[LossConfig, LossContext], nn.Module]
-    uses_teacher: bool = True
 
 
 def _teacher_dims(ctx: LossContext, term: str) -> Mapping[str, int]:
@@ -378,7 +339,7 @@ def _class_weights(cfg: LossConfig, ctx: LossContext) -> tuple[torch.Tensor, ...
 
 # Build order = summation order; it is fixed here so that YAML key order never changes results.
 TERMS: dict[str, Term] = {
-    "ce": Term(lambda cfg, ctx: TaskCrossEntropy(_class_weights(cfg, ctx)), uses_teacher=False),
+    "ce": Term(lambda cfg, ctx: TaskCrossEntropy(_class_weights(cfg, ctx))),
     "kl": Term(lambda cfg, ctx: SoftTargetKL(cfg.temperature)),
     "mse": Term(lambda cfg, ctx: FeatureMSELoss(
         _teacher_dims(ctx, "mse")["img_dim"], _teacher_dims(ctx, "mse")["txt_dim"], ctx.student_fusion_dim,
@@ -387,6 +348,7 @@ TERMS: dict[str, Term] = {
         ctx.student_fusion_dim, _teacher_dims(ctx, "crd")["fusion_dim"], ctx.n_data, cfg.feat_dim, cfg.nce_k,
         cfg.nce_t, cfg.nce_m, labels=ctx.joint_labels, seed=ctx.seed)),
 }
+assert list(TERMS) == list(LOSS_TERMS), "medkd.config.LOSS_TERMS names the terms, in this order"
 
 
 class CombinedLoss(nn.Module):
@@ -405,10 +367,6 @@ class CombinedLoss(nn.Module):
     def from_config(cls, cfg: LossConfig, ctx: LossContext) -> "CombinedLoss":
         terms = {name: TERMS[name].build(cfg, ctx) for name in cfg.active_terms}
         return cls(terms, cfg.weights)
-
-    @property
-    def uses_teacher(self) -> bool:
-        return any(TERMS[name].uses_teacher for name in self.terms if name in TERMS)
 
     def forward(
         self,

@@ -10,14 +10,13 @@ ablation: fusion then refines the one token, and the other modality's outputs ar
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from medkd.backbones import TextBackbone, VisionBackbone, build_backbone, build_tokenizer, list_backbones
-from medkd.config import FromMapping, config_dataclass, one_of
+from medkd.backbones import TextBackbone, VisionBackbone, build_backbone
+from medkd.config import ModelConfig
 
 # Output keys keep the study's names for every data set: `logits_modality` is task 1's logits and
 # `logits_location` task 2's (for Wound-1-0: type and severity); people read the data set's task names.
@@ -117,64 +116,22 @@ class MultimodalClassifier(nn.Module):
         return self.text.width if self.text is not None else None
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+        vision_trunk: torch.Tensor | None = None, text_trunk: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`vision_trunk`/`text_trunk`: the frozen trunks' outputs for this batch (the trunk cache), used
+        in place of the pixels/token ids; the whole model (export, prediction) takes only the inputs."""
         out = {}
         if self.vision is not None:
-            out["img_raw"] = self.vision(pixel_values)
+            out["img_raw"] = self.vision(pixel_values, vision_trunk)
             out["img_proj"] = self.img_proj(out["img_raw"])
         if self.text is not None:
-            out["txt_raw"] = self.text(input_ids, attention_mask)
+            out["txt_raw"] = self.text(input_ids, attention_mask, text_trunk)
             out["txt_proj"] = self.txt_proj(out["txt_raw"])
         fused = self.fusion(*(out[k] for k in ("img_proj", "txt_proj") if k in out))
         hidden = self.dropout(fused)
         return {"logits_modality": self.head_modality(hidden), "logits_location": self.head_location(hidden),
                 **out, "fused": fused}
-
-
-@config_dataclass
-class ModelConfig(FromMapping):
-    """A classifier by registry names plus its fusion settings: `model:` sections of params.yaml.
-
-    The single place where the model's defaults live (the study's teacher fusion).
-    """
-
-    vision: str  # a registered vision backbone
-    text: str  # a registered text backbone
-    fusion_dim: Annotated[int, Field(ge=1)] = 384
-    fusion_layers: Annotated[int, Field(ge=1)] = 1
-    fusion_heads: Annotated[int, Field(ge=1)] = 8
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    pretrained: bool = False
-    modalities: Annotated[tuple[Literal["image", "text"], ...], Field(min_length=1, max_length=2)] = ("image", "text")
-    vision_weights: str | None = None  # a local weights file or folder; wins over every other source
-    text_weights: str | None = None
-
-    @field_validator("vision")
-    @classmethod
-    def _registered_vision(cls, name: str) -> str:
-        return one_of(name, list_backbones("vision"), "vision backbone")
-
-    @field_validator("text")
-    @classmethod
-    def _registered_text(cls, name: str) -> str:
-        return one_of(name, list_backbones("text"), "text backbone")
-
-    @field_validator("modalities")
-    @classmethod
-    def _distinct(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(modalities)) != len(modalities):
-            raise ValueError(f"modalities must be distinct, got {list(modalities)}")
-        return modalities
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.fusion_dim % self.fusion_heads:
-            raise ValueError(f"fusion_dim={self.fusion_dim} is not divisible by fusion_heads={self.fusion_heads}")
-        return self
-
-    def tokenizer(self):
-        return build_tokenizer(self.text, self.text_weights)
 
 
 def build_model(cfg: ModelConfig, num_classes: Sequence[int], pretrained: bool | None = None) -> MultimodalClassifier:
@@ -184,11 +141,16 @@ def build_model(cfg: ModelConfig, num_classes: Sequence[int], pretrained: bool |
     `vision_weights`/`text_weights` name local weights that take precedence over every other source.
     """
     pretrained = cfg.pretrained if pretrained is None else pretrained
+    vision = text = None
+    if "image" in cfg.modalities:
+        vision = build_backbone(cfg.vision, pretrained=pretrained, weights=cfg.vision_weights, modality="vision")
+        vision.set_train_blocks(cfg.vision_train_blocks)
+    if "text" in cfg.modalities:
+        text = build_backbone(cfg.text, pretrained=pretrained, weights=cfg.text_weights, modality="text")
+        text.set_train_blocks(cfg.text_train_blocks)
     return MultimodalClassifier(
-        build_backbone(cfg.vision, pretrained=pretrained, weights=cfg.vision_weights, modality="vision")
-        if "image" in cfg.modalities else None,
-        build_backbone(cfg.text, pretrained=pretrained, weights=cfg.text_weights, modality="text")
-        if "text" in cfg.modalities else None,
+        vision,
+        text,
         num_classes,
         fusion_dim=cfg.fusion_dim,
         fusion_layers=cfg.fusion_layers,

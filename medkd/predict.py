@@ -211,7 +211,7 @@ def summary_line(row: pd.Series, tasks: Sequence[str]) -> str:
     return "; ".join(f"{task}: {row[f'{task}_pred']} ({row[f'{task}_prob']:.3f})" for task in tasks)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medkd predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="export folder, its model.onnx / model.int8.onnx, or a .pt checkpoint")
     parser.add_argument("--image", help="one image file (with --text)")
@@ -220,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the predictions to this CSV (default: print them)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cases = read_cases(args.image, args.text, args.csv)
         check_texts(cases)

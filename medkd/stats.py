@@ -59,6 +59,8 @@ def avg_f1_resampled(frame: pd.DataFrame, tasks: Sequence[str], weights: np.ndar
 
 
 def percentile_interval(estimate: float, samples: np.ndarray, level: float = LEVEL) -> Interval:
+    """`estimate` with the central `level` percentile interval of its bootstrap `samples`: the one
+    interval every bootstrap of the study uses (F1 over test images, speed-ups over timed pairs)."""
     low, high = np.percentile(samples, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return Interval(float(estimate), float(low), float(high))
 

@@ -6,99 +6,49 @@ outputs come from, the loss) is passed in, nanoGPT-style, not subclassed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from medkd.backbones import tokenizer_identity
-from medkd.config import FromMapping, config_dataclass
+from medkd.config import TrainConfig
 from medkd.data import PreparedData, make_loader
 from medkd.datasets import Vocab
 from medkd.distributed import (
     all_reduce_sum, average_float_buffers, average_gradients, barrier, broadcast_module, broadcast_object, is_main,
-    local_device, rank, world_size,
+    rank, world_size,
 )
-from medkd.environment import cpu_model, cpu_runs_bf16_natively, environment
+from medkd.environment import environment, precision_problem, resolve_device, uses_bf16
 from medkd.files import atomic_write, write_json
-from medkd.losses import TERMS, CombinedLoss, LossConfig, LossContext
+from medkd.keys import content_key, state_fingerprint
+from medkd.losses import CombinedLoss, LossConfig, LossContext
 from medkd.metrics import metrics_from_predictions, predictions_frame
 from medkd.models import TASK_LOGITS, ModelConfig, MultimodalClassifier, build_model, count_parameters
+from medkd.trunks import TrunkCache, model_trunks
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-1"
 TEACHER_CACHE_KEYS = ("logits_modality", "logits_location", "img_raw", "txt_raw", "fused")
 
 
-@config_dataclass
-class TrainConfig(FromMapping):
-    """`train:` sections of params.yaml (plus `seed` and `runtime:`); the single place of their defaults."""
-
-    epochs: Annotated[int, Field(ge=1)] = 3
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    eval_batch_size: Annotated[int, Field(ge=1)] = 64
-    lr: Annotated[float, Field(gt=0.0)] = 4.79e-5
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
-    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # 0: no clipping
-    seed: int = 42
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
-    bf16: bool = True  # autocast; on CPU 1.3-2.4x faster here
-    augment: bool = False  # random flip/shift; forces a live teacher when distilling
-    channels_last: bool = True  # NHWC images and conv weights: faster CNN kernels on CPU (benchmarks/throughput.py)
-    eval_by_length: bool = True  # evaluation batches of similar text length: less padding, same outputs
-    fused_optimizer: bool = True  # one fused AdamW kernel instead of per-tensor updates
-    train_by_length: bool = False  # training batches drawn from shuffled pools of similar text length
-    compile: bool = False  # torch.compile (inductor) of the training model's forward
-    # Every N steps: each weighted loss term's gradient norm on the model (one extra backward pass per
-    # term on those steps; training itself is unchanged). 0: never. Written to the run's loss_terms.csv.
-    probe_every: Annotated[int, Field(ge=0)] = 0
-    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # for smoke runs
-
-
 # --------------------------------------------------------------------------- utilities
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    spec = local_device(spec)  # under torchrun: this rank's GPU
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
-    return device
-
-
-def precision_problem(device: torch.device, bf16: bool) -> str | None:
-    """Why `bf16` autocast on `device` would crawl, or None: a CPU without bf16 instructions makes
-    torch emulate it, about 100x slower than fp32 (a teacher step of 230 s instead of 2), a run that
-    looks hung. `medkd check-params` (the pipeline's first stage) refuses such params."""
-    if not (bf16 and device.type == "cpu") or cpu_runs_bf16_natively():
-        return None
-    return (f"bf16 autocast is on (runtime.bf16), but this CPU ({cpu_model()}, "
-            f"{torch.backends.cpu.get_cpu_capability()}) has no bf16 instructions (AVX512-BF16 or AMX): it would "
-            "run about 100x slower than fp32 here. Set runtime.bf16: false (fp32; the numbers then differ slightly "
-            "from a bf16 run) or use a machine with bf16 (README, 'Reproducing the committed run').")
-
-
-def training_device(cfg: "TrainConfig") -> torch.device:
-    """The device a run trains or predicts on; a warning if its precision would crawl there."""
+def training_device(cfg: "TrainConfig") -> tuple[torch.device, bool]:
+    """The device a run trains or predicts on and whether it computes in bf16; emulated bf16 is refused."""
     device = resolve_device(cfg.device)
-    problem = precision_problem(device, cfg.bf16)
+    problem = precision_problem(device, cfg.precision)
     if problem:
-        warnings.warn(problem, RuntimeWarning, stacklevel=3)
-    return device
+        raise ValueError(problem)
+    return device, uses_bf16(cfg.precision, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -125,16 +75,6 @@ def _trainable(model: nn.Module, cfg: "TrainConfig") -> nn.Module:
     if cfg.compile:
         model.compile(dynamic=True)
     return model
-
-
-def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def batch_inputs(batch: Mapping[str, torch.Tensor], role: str, device: torch.device, channels_last: bool = False):
@@ -194,13 +134,18 @@ def model_from_checkpoint(payload: Mapping, device: torch.device | str = "cpu") 
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader, device: torch.device, role: str, bf16: bool,
-            desc: str = "predict", channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """Model outputs over a loader, on the CPU in float32, rows in `index` order."""
+            desc: str = "predict", channels_last: bool = False, trunks: TrunkCache | None = None,
+            split: str | None = None) -> dict[str, torch.Tensor]:
+    """Model outputs over a loader, on the CPU in float32, rows in `index` order.
+
+    `trunks`/`split`: the model's frozen trunk outputs for the loader's split, read instead of computed.
+    """
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc=desc, leave=False):
+        extra = trunks.inputs(split, batch, device) if trunks is not None else {}
         with autocast(device, bf16):
-            out = model(*batch_inputs(batch, role, device, channels_last))
+            out = model(*batch_inputs(batch, role, device, channels_last), **extra)
         out["index"] = batch["index"]
         for k, v in out.items():
             chunks.setdefault(k, []).append(v.detach().float().cpu() if v.is_floating_point() else v.cpu())
@@ -210,10 +155,12 @@ def predict(model: nn.Module, loader, device: torch.device, role: str, bf16: boo
 
 
 def evaluate(model: nn.Module, data: PreparedData, split: str, tokenizer, role: str,
-             cfg: TrainConfig, device: torch.device) -> tuple[dict, pd.DataFrame]:
+             cfg: TrainConfig, device: torch.device, bf16: bool = False,
+             trunks: TrunkCache | None = None) -> tuple[dict, pd.DataFrame]:
     loader = make_loader(data.dataset(split, {role: tokenizer}), cfg.eval_batch_size, shuffle=False,
                          by_length=cfg.eval_by_length)
-    outputs = predict(model, loader, device, role, cfg.bf16, desc=f"eval {split}", channels_last=cfg.channels_last)
+    outputs = predict(model, loader, device, role, bf16, desc=f"eval {split}", channels_last=cfg.channels_last,
+                      trunks=trunks, split=split)
     image_ids = [r.image_id for r in data.records[split]]
     frame = predictions_frame(outputs["index"], [outputs[k] for k in TASK_LOGITS], image_ids, data.labels[split],
                               data.vocab)
@@ -231,21 +178,26 @@ def teacher_cache_key(payload: Mapping, data: PreparedData, tokenizer, bf16: boo
 
 
 def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
-                        device: torch.device | None = None, payload: Mapping | None = None, tokenizer=None) -> dict:
+                        device: torch.device | None = None, payload: Mapping | None = None, tokenizer=None,
+                        trunk_dir: Path | None = None) -> dict:
     """Run the frozen teacher once over the training split (no augmentation).
 
-    `payload`/`tokenizer`: the checkpoint and tokenizer when the caller has them already.
+    `payload`/`tokenizer`: the checkpoint and tokenizer when the caller has them already. A teacher
+    with frozen trunks reads them from the trunk cache (`trunk_dir`) when `cfg.trunk_cache` allows.
     """
-    device = device or training_device(cfg)
+    device, bf16 = training_device(cfg) if device is None else (device, uses_bf16(cfg.precision, device))
     payload = payload if payload is not None else read_checkpoint(teacher_ckpt)
     teacher = model_from_checkpoint(payload, device)
     tokenizer = tokenizer if tokenizer is not None else ModelConfig.from_dict(payload["model_config"]).tokenizer()
     loader = make_loader(data.dataset("train", {"teacher": tokenizer}), cfg.eval_batch_size, shuffle=False,
                          by_length=cfg.eval_by_length)
     teacher = _memory_format(teacher, cfg)
-    outputs = predict(teacher, loader, device, "teacher", cfg.bf16, desc="teacher cache", channels_last=cfg.channels_last)
+    trunks = model_trunks(teacher, data, tokenizer, "teacher", device, bf16, trunk_dir, batch_size=cfg.eval_batch_size,
+                          channels_last=cfg.channels_last, all_ranks=False) if cfg.trunk_cache else None
+    outputs = predict(teacher, loader, device, "teacher", bf16, desc="teacher cache", channels_last=cfg.channels_last,
+                      trunks=trunks, split="train")
     return {
-        "key": teacher_cache_key(payload, data, tokenizer, cfg.bf16),
+        "key": teacher_cache_key(payload, data, tokenizer, bf16),
         "dims": payload["dims"],
         "outputs": {k: outputs[k].contiguous() for k in TEACHER_CACHE_KEYS},
     }
@@ -253,7 +205,8 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
 
 def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
                                 cache_path: Path, device: torch.device | None = None,
-                                rebuild_stale: bool = True, all_ranks: bool = True) -> dict:
+                                rebuild_stale: bool = True, all_ranks: bool = True,
+                                trunk_dir: Path | None = None) -> dict:
     """The cached teacher outputs if `cache_path` matches this teacher and preprocessing, else new ones.
 
     With `rebuild_stale=False` a missing or stale cache is an error (a pipeline stage must not
@@ -262,7 +215,8 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
     """
     payload = read_checkpoint(teacher_ckpt)
     tokenizer = ModelConfig.from_dict(payload["model_config"]).tokenizer()
-    key = teacher_cache_key(payload, data, tokenizer, cfg.bf16)
+    device, bf16 = training_device(cfg) if device is None else (device, uses_bf16(cfg.precision, device))
+    key = teacher_cache_key(payload, data, tokenizer, bf16)
     cache_path = Path(cache_path)
     cache = _matching_cache(cache_path, key)
     if cache is not None:
@@ -273,7 +227,8 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
             "rebuild it with the teacher stage (dvc repro)"
         )
     if is_main() or not all_ranks:  # data-parallel: rank 0 builds it once, the other ranks read it
-        cache = build_teacher_cache(teacher_ckpt, data, cfg, device, payload=payload, tokenizer=tokenizer)
+        cache = build_teacher_cache(teacher_ckpt, data, cfg, device, payload=payload, tokenizer=tokenizer,
+                                    trunk_dir=trunk_dir)
         atomic_write(cache_path, lambda p: torch.save(cache, p))
     if all_ranks:
         barrier()
@@ -362,8 +317,7 @@ class Resume:
         self.file.unlink(missing_ok=True)
 
 
-def resume_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+resume_key = content_key  # the key of a resumable run's state: everything it was computed from
 
 
 def run_state_key(*parts) -> str:
@@ -386,9 +340,20 @@ class RunContext:
     checkpoint_path: Path | None = None
     started: float = field(default_factory=time.perf_counter)
     resume: Resume | None = None
+    bf16: bool = False  # the run's resolved precision (TrainConfig.precision on this device)
+    trunks: TrunkCache | None = None  # the model's frozen trunk outputs, every split
 
     def evaluate(self, split: str) -> tuple[dict, pd.DataFrame]:
-        return evaluate(self.model, self.data, split, self.tokenizer, self.role, self.cfg, self.device)
+        return evaluate(self.model, self.data, split, self.tokenizer, self.role, self.cfg, self.device, self.bf16,
+                        self.trunks)
+
+    def inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple:
+        """The model's positional inputs for a training batch (its own tokenized texts)."""
+        return batch_inputs(batch, self.role, self.device, self.cfg.channels_last)
+
+    def trunk_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's cached trunk outputs (none without a trunk cache)."""
+        return self.trunks.inputs("train", batch, self.device) if self.trunks is not None else {}
 
 
 def probe_terms(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
@@ -402,6 +367,106 @@ def probe_terms(parts: Mapping[str, torch.Tensor], weights: Mapping[str, float],
         norms = [g.detach().float().norm() for g in grads if g is not None]
         probed[name] = (float(weighted.detach()), float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0)
     return probed
+
+
+@dataclass
+class _Optimization:
+    """What steps the weights: the optimizer over the trainable parameters (the model's and the loss
+    terms'), the schedule, and the steps an epoch takes."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.Tensor]
+    steps_per_epoch: int
+
+    @classmethod
+    def create(cls, run: RunContext, loss_fn: nn.Module, train_loader) -> "_Optimization":
+        cfg = run.cfg
+        params = [p for p in run.model.parameters() if p.requires_grad] + list(loss_fn.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      **({"fused": True} if cfg.fused_optimizer else {}))
+        steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+        total = steps * cfg.epochs
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+        return cls(optimizer, scheduler, params, steps)
+
+    def backward(self, loss: torch.Tensor, n: int, device: torch.device) -> None:
+        """The batch's gradients (data-parallel: averaged over the ranks as one global batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        world = world_size()
+        if world > 1:
+            # Each rank's mean, weighted by its share of the global batch: after averaging over
+            # the ranks the gradient is that of the global batch's mean, as in one process.
+            global_n = int(all_reduce_sum(torch.tensor([n], device=device)))
+            (loss * (n * world / global_n)).backward()
+            average_gradients(self.params)
+        else:
+            loss.backward()
+
+    def update(self, grad_clip: float) -> None:
+        """Clipping, the update and the schedule."""
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+@dataclass
+class _Progress:
+    """Everything a run has done so far, which a resumed run restores: epochs, history, the best epoch,
+    the loss-term probes."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    best: BestEpoch = BestEpoch(-1.0, 0, {}, None)
+    complete: bool = False
+
+    @classmethod
+    def resume_or_start(cls, run: RunContext, loss_fn: nn.Module, opt: _Optimization, train_loader) -> "_Progress":
+        """The saved progress of this run (model, loss state, optimizer, schedule, loader shuffling, RNGs
+        restored), or a fresh start."""
+        state = run.resume.load() if run.resume else None
+        if state is None:
+            return cls()
+        run.model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        best = BestEpoch(state["best_score"], state["best_epoch"], state["best_dev"],
+                         state["best_state"] if state["best_state"] is not None else state["model"])
+        progress = cls(state["epoch"], state["history"], state.get("probes", []), best, state["complete"])
+        if not progress.complete:
+            opt.optimizer.load_state_dict(state["optimizer"])
+            opt.scheduler.load_state_dict(state["scheduler"])
+            train_loader.generator.set_state(state["loader_generator"])
+            _set_rng_states(state["rng"])
+            tqdm.write(f"{run.role}: resuming after epoch {progress.epoch} of {run.cfg.epochs} from {run.resume.path}")
+        return progress
+
+    def record(self, epoch: int, row: dict, dev: dict, model: nn.Module) -> None:
+        self.history.append(row)
+        if dev["avg_f1"] > self.best.score:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best = BestEpoch(dev["avg_f1"], epoch, dev, state)
+
+    def save(self, run: RunContext, loss_fn: nn.Module, opt: _Optimization, train_loader, epoch: int,
+             complete: bool) -> None:
+        model_state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        run.resume.save({
+            "epoch": epoch, "complete": complete, "model": model_state, "loss": loss_fn.state_dict(),
+            "optimizer": None if complete else opt.optimizer.state_dict(),
+            "scheduler": None if complete else opt.scheduler.state_dict(),
+            "loader_generator": train_loader.generator.get_state(), "rng": _rng_states(),
+            "history": self.history, "probes": self.probes,
+            "best_score": self.best.score, "best_epoch": self.best.epoch, "best_dev": self.best.dev,
+            "best_state": None if self.best.epoch == epoch and not complete else self.best.state,
+        })
+        self.epoch = epoch
+
+    def interrupted(self, run: RunContext, epoch: int) -> TrainingInterrupted:
+        saved = (f"epochs 1-{self.epoch} are saved in {run.resume.path}; re-run to resume from epoch "
+                 f"{self.epoch + 1}" if run.resume and self.epoch else "no epoch was saved; re-run to start again")
+        current = min(self.epoch + 1, run.cfg.epochs) if run.resume else epoch  # the epoch that did not finish
+        return TrainingInterrupted(f"{run.role} interrupted at epoch {current} of {run.cfg.epochs}: {saved}")
 
 
 def _fit(
@@ -419,125 +484,91 @@ def _fit(
     and a run that finds its own state continues after its last complete epoch, ending with the
     same weights as an uninterrupted run.
     """
-    model, cfg, device = run.model, run.cfg, run.device
-    params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if cfg.fused_optimizer else {}))
-    world = world_size()
-    broadcast_module(model)  # data-parallel: every rank starts from rank 0's weights
+    cfg = run.cfg
+    broadcast_module(run.model)  # data-parallel: every rank starts from rank 0's weights
     broadcast_module(loss_fn)
-    steps_per_epoch = len(train_loader)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    best = BestEpoch(-1.0, 0, {}, None)
-    history: list[dict] = []
-    probes: list[dict] = []  # loss-term probes (cfg.probe_every)
-    model_params = [p for p in model.parameters() if p.requires_grad]
-    saved_epoch = 0
-    state = run.resume.load() if run.resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        history, saved_epoch, probes = state["history"], state["epoch"], state.get("probes", [])
-        best = BestEpoch(state["best_score"], state["best_epoch"], state["best_dev"],
-                         state["best_state"] if state["best_state"] is not None else state["model"])
-        if state["complete"]:
-            return best, history, probes
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        train_loader.generator.set_state(state["loader_generator"])
-        _set_rng_states(state["rng"])
-        tqdm.write(f"{run.role}: resuming after epoch {saved_epoch} of {cfg.epochs} from {run.resume.path}")
-
-    def save(epoch: int, complete: bool) -> None:
-        model_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        run.resume.save({
-            "epoch": epoch, "complete": complete, "model": model_state, "loss": loss_fn.state_dict(),
-            "optimizer": None if complete else optimizer.state_dict(),
-            "scheduler": None if complete else scheduler.state_dict(),
-            "loader_generator": train_loader.generator.get_state(), "rng": _rng_states(), "history": history,
-            "probes": probes,
-            "best_score": best.score, "best_epoch": best.epoch, "best_dev": best.dev,
-            "best_state": None if best.epoch == epoch and not complete else best.state,
-        })
-
-    epoch = saved_epoch
+    opt = _Optimization.create(run, loss_fn, train_loader)
+    progress = _Progress.resume_or_start(run, loss_fn, opt, train_loader)
+    if progress.complete:
+        return progress.best, progress.history, progress.probes
+    epoch = progress.epoch
     try:
-        for epoch in range(saved_epoch + 1, cfg.epochs + 1):
-            model.train()
-            sums: dict[str, float] = {}
-            # Where the epoch's time goes (CPU ops are synchronous, so the clock splits them exactly).
-            clock = {"data": 0.0, "model": 0.0, "optimizer": 0.0}
-            seen, start = 0, time.perf_counter()
-            bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{run.role} epoch {epoch}/{cfg.epochs}")
-            tick = time.perf_counter()
-            for step, batch in enumerate(bar):
-                if step >= steps_per_epoch:
-                    break
-                fetched = time.perf_counter()
-                n = len(batch["index"])
-                with autocast(device, cfg.bf16):
-                    parts = compute_loss(batch)
-                global_step = (epoch - 1) * steps_per_epoch + step
-                if cfg.probe_every and global_step % cfg.probe_every == 0 and is_main():
-                    for term, (value, norm) in probe_terms(parts, loss_fn.weights, model_params).items():
-                        probes.append({"step": global_step, "epoch": epoch, "term": term,
-                                       "weighted_value": value, "grad_norm": norm})
-                optimizer.zero_grad(set_to_none=True)
-                if world > 1:
-                    # Each rank's mean, weighted by its share of the global batch: after averaging over
-                    # the ranks the gradient is that of the global batch's mean, as in one process.
-                    global_n = int(all_reduce_sum(torch.tensor([n], device=device)))
-                    (parts["total"] * (n * world / global_n)).backward()
-                    average_gradients(params)
-                else:
-                    parts["total"].backward()
-                computed = time.perf_counter()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                stepped = time.perf_counter()
-                clock["data"] += fetched - tick
-                clock["model"] += computed - fetched
-                clock["optimizer"] += stepped - computed
-                seen += n
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-                # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
-                bar.set_postfix(loss=f"{sums['total'] / seen:.4f}",
-                                sps=f"{seen / (time.perf_counter() - start):.1f}", refresh=False)
-                tick = time.perf_counter()
-            if world > 1:  # epoch means over the global batches; BatchNorm statistics of all ranks
-                totals = all_reduce_sum(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=device))
-                seen, sums = int(totals[0]), dict(zip(sums, totals[1:].tolist()))
-                average_float_buffers(model)
-            dev = broadcast_object(run.evaluate("dev")[0] if is_main() else None)  # rank 0 evaluates, once
-            row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-                   "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - start,
-                   "train_samples": seen, **{f"seconds_{k}": round(v, 3) for k, v in clock.items()},
-                   **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in dev if isinstance(dev[t], dict)}}
-            history.append(row)
-            tqdm.write(f"{run.role} epoch {epoch}: train loss {row['train_total']:.4f}, "
-                       f"dev avg F1 {dev['avg_f1']:.4f}")
-            if dev["avg_f1"] > best.score:
-                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best = BestEpoch(dev["avg_f1"], epoch, dev, state)
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            sums, seen, clock, started = _train_epoch(run, compute_loss, loss_fn, opt, train_loader, epoch,
+                                                      progress.probes)
+            row, dev = _epoch_row(run, epoch, sums, seen, clock, started)
+            progress.record(epoch, row, dev, run.model)
             if run.resume:
-                save(epoch, complete=False)
-                saved_epoch = epoch
+                progress.save(run, loss_fn, opt, train_loader, epoch, complete=False)
             if report_epoch is not None:
-                report_epoch(epoch, dev["avg_f1"])
+                report_epoch(epoch, row["dev_avg_f1"])
     except KeyboardInterrupt:
-        saved = (f"epochs 1-{saved_epoch} are saved in {run.resume.path}; re-run to resume from epoch "
-                 f"{saved_epoch + 1}" if run.resume and saved_epoch else "no epoch was saved; re-run to start again")
-        current = min(saved_epoch + 1, cfg.epochs) if run.resume else epoch  # the epoch that did not finish
-        raise TrainingInterrupted(f"{run.role} interrupted at epoch {current} of {cfg.epochs}: {saved}") from None
+        raise progress.interrupted(run, epoch) from None
     if run.resume:
-        save(cfg.epochs, complete=True)
-    return best, history, probes
+        progress.save(run, loss_fn, opt, train_loader, cfg.epochs, complete=True)
+    return progress.best, progress.history, progress.probes
+
+
+def _train_epoch(run: RunContext, compute_loss, loss_fn: nn.Module, opt: _Optimization, train_loader, epoch: int,
+                 probes: list[dict]) -> tuple[dict[str, float], int, dict[str, float], float]:
+    """One pass over the training batches: (sample-weighted loss sums, samples, where the time went, start)."""
+    cfg, device = run.cfg, run.device
+    sums: dict[str, float] = {}
+    # Where the epoch's time goes (CPU ops are synchronous, so the clock splits them exactly).
+    clock = {"data": 0.0, "model": 0.0, "optimizer": 0.0}
+    run.model.train()
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(train_loader, total=opt.steps_per_epoch, desc=f"{run.role} epoch {epoch}/{cfg.epochs}")
+    tick = time.perf_counter()
+    for step, batch in enumerate(bar):
+        if step >= opt.steps_per_epoch:
+            break
+        fetched = time.perf_counter()
+        n = len(batch["index"])
+        with autocast(device, run.bf16):
+            parts = compute_loss(batch)
+        global_step = (epoch - 1) * opt.steps_per_epoch + step
+        if cfg.probe_every and global_step % cfg.probe_every == 0 and is_main():
+            probes.extend(_probe_rows(parts, loss_fn, run.model, global_step, epoch))
+        opt.backward(parts["total"], n, device)
+        computed = time.perf_counter()
+        opt.update(cfg.grad_clip)
+        stepped = time.perf_counter()
+        clock["data"] += fetched - tick
+        clock["model"] += computed - fetched  # forward and backward
+        clock["optimizer"] += stepped - computed
+        seen += n
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+        # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
+        bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", sps=f"{seen / (time.perf_counter() - start):.1f}",
+                        refresh=False)
+        tick = time.perf_counter()
+    return sums, seen, clock, start
+
+
+def _probe_rows(parts, loss_fn: nn.Module, model: nn.Module, global_step: int, epoch: int) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"step": global_step, "epoch": epoch, "term": term, "weighted_value": value, "grad_norm": norm}
+            for term, (value, norm) in probe_terms(parts, loss_fn.weights, params).items()]
+
+
+def _epoch_row(run: RunContext, epoch: int, sums: dict[str, float], seen: int, clock: dict[str, float],
+               started: float) -> tuple[dict, dict]:
+    """The epoch's history row (global mean losses over every rank, dev scores, seconds since `started`,
+    the dev evaluation included) and its dev metrics (rank 0 evaluates, once). Data-parallel, BatchNorm
+    statistics are averaged over the ranks first."""
+    if world_size() > 1:
+        totals = all_reduce_sum(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=run.device))
+        seen, sums = int(totals[0]), dict(zip(sums, totals[1:].tolist()))
+        average_float_buffers(run.model)
+    dev = broadcast_object(run.evaluate("dev")[0] if is_main() else None)
+    row = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+           "dev_avg_f1": dev["avg_f1"], "train_seconds": time.perf_counter() - started,
+           "train_samples": seen, **{f"seconds_{k}": round(v, 3) for k, v in clock.items()},
+           **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in dev if isinstance(dev[t], dict)}}
+    tqdm.write(f"{run.role} epoch {epoch}: train loss {row['train_total']:.4f}, dev avg F1 {dev['avg_f1']:.4f}")
+    return row, dev
 
 
 def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mapping | None = None,
@@ -564,7 +595,8 @@ def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mappin
     seconds = time.perf_counter() - run.started
     summary = {"parameters": n_params, "best_epoch": best.epoch, "seed": run.cfg.seed, "seconds": round(seconds, 1),
                "tasks": list(run.data.vocab.tasks), **results,
-               "environment": {**environment(run.device, run.cfg.bf16), "world_size": world_size()}}
+               "environment": {**environment(run.device, run.bf16, run.cfg.precision), "world_size": world_size(),
+                               "trunk_cache_mb": round(run.trunks.nbytes / 2**20, 1) if run.trunks else 0.0}}
     write_json(out_dir / "metrics.json", summary)
     atomic_write(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
     if probes:
@@ -574,113 +606,158 @@ def _finish(run: RunContext, best: BestEpoch, history: list[dict], extra: Mappin
     return RunResult(ckpt, best.epoch, results["dev"], results.get("test"), history, n_params, seconds)
 
 
+def _model_trunks(model: MultimodalClassifier, data: PreparedData, tokenizer, role: str, cfg: TrainConfig,
+                  device: torch.device, bf16: bool, trunk_dir: Path | None) -> TrunkCache | None:
+    """The run's trunk cache, when its model has frozen trunks and `cfg.trunk_cache` is on."""
+    if not cfg.trunk_cache:
+        return None
+    return model_trunks(model, data, tokenizer, role, device, bf16, trunk_dir, augment=cfg.augment,
+                        channels_last=cfg.channels_last, batch_size=cfg.eval_batch_size)
+
+
 def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
-                  checkpoint_path: Path | None = None, resume_path: Path | None = None) -> RunResult:
+                  checkpoint_path: Path | None = None, resume_path: Path | None = None,
+                  trunk_dir: Path | None = None) -> RunResult:
     """Phase 1: the teacher learns both tasks from the labels (CE + CE).
 
     Metrics, predictions and history go to `out_dir`; the checkpoint to `checkpoint_path`
     (default `out_dir/model.pt`). With `resume_path` the run saves its state after each epoch
-    there and continues from it when re-run with the same settings and data.
+    there and continues from it when re-run with the same settings and data. Frozen trunks
+    (`model_cfg`'s train_blocks) are read from the trunk cache in `trunk_dir` (medkd.trunks).
     """
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    device = training_device(cfg)
+    device, bf16 = training_device(cfg)
     model = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
     resume = Resume(Path(resume_path), run_state_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
                                                    data.content_key("train"))) if resume_path else None
-    run = RunContext(model, model_cfg, data, model_cfg.tokenizer(), "teacher", cfg, device, out_dir,
-                     checkpoint_path, started, resume)
+    tokenizer = model_cfg.tokenizer()
+    run = RunContext(model, model_cfg, data, tokenizer, "teacher", cfg, device, out_dir, checkpoint_path, started,
+                     resume, bf16, _model_trunks(model, data, tokenizer, "teacher", cfg, device, bf16, trunk_dir))
     loss_fn = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}),
                                        LossContext(model.fusion_dim, None, len(data.records["train"])))
     loader = make_loader(data.dataset("train", {"teacher": run.tokenizer}, augment=cfg.augment), cfg.batch_size,
                          shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
 
     def compute_loss(batch):
-        out = model(*batch_inputs(batch, "teacher", device, cfg.channels_last))
+        out = model(*run.inputs(batch), **run.trunk_inputs(batch))
         return loss_fn(out, None, batch["labels"].to(device))
 
     best, history, probes = _fit(run, compute_loss, loss_fn, loader)
     return _finish(run, best, history, probes=probes)
 
 
-def distill_student(
-    data: PreparedData,
-    teacher_ckpt: Path,
-    model_cfg: ModelConfig,
-    loss_cfg: LossConfig,
-    cfg: TrainConfig,
-    out_dir: Path,
-    cache_path: Path | None = None,
-    use_cache: bool | None = None,
-    report_epoch: Callable[[int, float], None] | None = None,
-    evaluate_test: bool = True,
-    checkpoint_path: Path | None = None,
-    rebuild_stale_cache: bool = True,
-    resume_path: Path | None = None,
-    teacher_cache: Mapping | None = None,
-) -> RunResult:
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a student's teacher outputs come from. Read only when the loss uses the teacher (not by the
+    no-KD control, CE only: then the checkpoint need not even exist)."""
+
+    checkpoint: Path | None = None
+    cache_path: Path | None = None  # the teacher cache file (default: <out_dir>/teacher_cache.pt)
+    outputs: Mapping | None = None  # a teacher cache already loaded (e.g. once for all Optuna trials)
+    live: bool | None = None  # run the teacher on every batch under no_grad; None: only with augmentation
+    rebuild_stale: bool = True  # False: a missing or stale cache file is an error (a stage must not rewrite another's)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """One student run: what it trains (model, loss, schedule), from which teacher, where it writes.
+
+    `checkpoint_path` (default `out_dir/model.pt`); `resume_path`: per-epoch state saved and resumed
+    (see `train_teacher`); `trunk_dir`: the trunk cache of the student's frozen trunks; `report_epoch`:
+    called with (epoch, dev avg F1) after each epoch (Optuna's pruning).
+    """
+
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    out_dir: Path
+    teacher: TeacherSource = TeacherSource()
+    checkpoint_path: Path | None = None
+    resume_path: Path | None = None
+    trunk_dir: Path | None = None
+    evaluate_test: bool = True
+    report_epoch: Callable[[int, float], None] | None = None
+
+
+@dataclass
+class _Teacher:
+    """The teacher side of a run, decided once (`_resolve_teacher`): none, its cached outputs, or live."""
+
+    mode: str  # "none" | "cache" | "live"
+    identity: str  # what the run's resume key records of it
+    dims: Mapping[str, int] | None = None
+    outputs: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module | None = None
+    tokenizer: object | None = None
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], index: torch.Tensor, device: torch.device,
+                 channels_last: bool) -> dict[str, torch.Tensor] | None:
+        if self.mode == "cache":
+            return {k: v[index] for k, v in self.outputs.items()}
+        if self.mode == "live":
+            with torch.no_grad():
+                return self.model(*batch_inputs(batch, "teacher", device, channels_last))
+        return None
+
+
+def _resolve_teacher(run: Distillation, data: PreparedData, device: torch.device) -> _Teacher:
+    cfg, source = run.train, run.teacher
+    if not run.loss.uses_teacher:
+        return _Teacher("none", "no teacher")
+    live = cfg.augment if source.live is None else source.live
+    if cfg.augment and not live:
+        raise ValueError("a teacher cache cannot serve randomly augmented inputs; use TeacherSource(live=True)")
+    if live:
+        teacher, payload = load_checkpoint(source.checkpoint, device)
+        teacher = _memory_format(teacher, cfg).eval().requires_grad_(False)
+        return _Teacher("live", state_fingerprint(teacher.state_dict()), payload["dims"], model=teacher,
+                        tokenizer=ModelConfig.from_dict(payload["model_config"]).tokenizer())
+    cache = source.outputs
+    if cache is None:
+        cache_path = Path(source.cache_path) if source.cache_path else Path(run.out_dir) / "teacher_cache.pt"
+        cache = load_or_build_teacher_cache(source.checkpoint, data, cfg, cache_path, device,
+                                            rebuild_stale=source.rebuild_stale, trunk_dir=run.trunk_dir)
+    return _Teacher("cache", cache["key"], cache["dims"], outputs={k: v.to(device) for k, v in cache["outputs"].items()})
+
+
+def distill_student(data: PreparedData, run: Distillation) -> RunResult:
     """Phase 2: the student learns from the labels and the frozen teacher (CombinedLoss).
 
-    The teacher's outputs come from a cache computed once (default when inputs are
-    deterministic) or from the live teacher under no_grad (with random augmentation).
-    With `resume_path`, per-epoch state is saved there and resumed (see `train_teacher`).
-    `teacher_cache`: cached outputs the caller already loaded (e.g. once for all Optuna trials).
+    The teacher's outputs come from its cache, computed once (the default: inputs are deterministic),
+    from the live teacher under no_grad (with random augmentation), or not at all (a loss without
+    teacher terms). The student's frozen trunks are read from the trunk cache (see `train_teacher`).
     """
     started = time.perf_counter()
+    cfg, model_cfg, loss_cfg = run.train, run.model, run.loss
     seed_everything(cfg.seed)
-    device = training_device(cfg)
-    use_cache = (not cfg.augment) if use_cache is None else use_cache
-    if use_cache and cfg.augment:
-        raise ValueError("a teacher cache cannot serve randomly augmented inputs; set use_cache=False")
-    needs_teacher = any(TERMS[name].uses_teacher for name in loss_cfg.active_terms)
-
-    tokenizers = {"student": model_cfg.tokenizer()}
-    teacher = cache = teacher_dims = None
-    if not needs_teacher:  # e.g. the no-KD control (CE only): no teacher is read, run or cached
-        use_cache = False
-    elif use_cache and teacher_cache is not None:
-        cache = teacher_cache
-        teacher_dims = cache["dims"]
-    elif use_cache:
-        cache_path = Path(cache_path) if cache_path else Path(out_dir) / "teacher_cache.pt"
-        cache = load_or_build_teacher_cache(teacher_ckpt, data, cfg, cache_path, device,
-                                            rebuild_stale=rebuild_stale_cache)
-        teacher_dims = cache["dims"]
-    else:
-        teacher, payload = load_checkpoint(teacher_ckpt, device)
-        teacher = _memory_format(teacher, cfg).eval().requires_grad_(False)
-        tokenizers["teacher"] = ModelConfig.from_dict(payload["model_config"]).tokenizer()
-        teacher_dims = payload["dims"]
-
+    device, bf16 = training_device(cfg)
+    teacher = _resolve_teacher(run, data, device)
+    tokenizers = {"student": model_cfg.tokenizer(), **({"teacher": teacher.tokenizer} if teacher.tokenizer else {})}
     seed_everything(cfg.seed)
     student = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
-    teacher_id = (cache["key"] if cache is not None else
-                  state_fingerprint(teacher.state_dict()) if teacher is not None else "no teacher")
-    resume = Resume(Path(resume_path), run_state_key("student", model_cfg.to_dict(), loss_cfg.to_dict(), cfg.to_dict(),
-                                                   data.content_key("train"), teacher_id)) if resume_path else None
-    run = RunContext(student, model_cfg, data, tokenizers["student"], "student", cfg, device, out_dir,
-                     checkpoint_path, started, resume)
+    resume = Resume(Path(run.resume_path), run_state_key(
+        "student", model_cfg.to_dict(), loss_cfg.to_dict(), cfg.to_dict(), data.content_key("train"),
+        teacher.identity)) if run.resume_path else None
+    context = RunContext(student, model_cfg, data, tokenizers["student"], "student", cfg, device, run.out_dir,
+                         run.checkpoint_path, started, resume, bf16,
+                         _model_trunks(student, data, tokenizers["student"], "student", cfg, device, bf16,
+                                       run.trunk_dir))
     loss_fn = CombinedLoss.from_config(loss_cfg, LossContext(
-        student.fusion_dim, teacher_dims, n_data=len(data.records["train"]),
+        student.fusion_dim, teacher.dims, n_data=len(data.records["train"]),
         joint_labels=data.joint_train_labels(), seed=cfg.seed, train_labels=data.labels["train"],
         num_classes=data.vocab.num_classes)).to(device)
     train_set = data.dataset("train", tokenizers, augment=cfg.augment)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
-    cached = {k: v.to(device) for k, v in cache["outputs"].items()} if cache is not None else None
 
     def compute_loss(batch):
         index = batch["index"].to(device)
-        if cached is not None:
-            t_out = {k: v[index] for k, v in cached.items()}
-        elif teacher is None:
-            t_out = None
-        else:
-            with torch.no_grad():
-                t_out = teacher(*batch_inputs(batch, "teacher", device, cfg.channels_last))
-        s_out = student(*batch_inputs(batch, "student", device, cfg.channels_last))
+        t_out = teacher(batch, index, device, cfg.channels_last)
+        s_out = student(*context.inputs(batch), **context.trunk_inputs(batch))
         return loss_fn(s_out, t_out, batch["labels"].to(device), index)
 
-    best, history, probes = _fit(run, compute_loss, loss_fn, loader, report_epoch)
-    return _finish(run, best, history, {"loss_config": loss_cfg.to_dict(), "teacher_cache_used": bool(use_cache),
-                                        "teacher_used": needs_teacher},
-                   evaluate_test=evaluate_test, probes=probes)
+    best, history, probes = _fit(context, compute_loss, loss_fn, loader, run.report_epoch)
+    return _finish(context, best, history, {"loss_config": loss_cfg.to_dict(),
+                                            "teacher_cache_used": teacher.mode == "cache",
+                                            "teacher_used": teacher.mode != "none"},
+                   evaluate_test=run.evaluate_test, probes=probes)

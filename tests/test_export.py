@@ -1,6 +1,8 @@
 """ONNX export, its parity with PyTorch, the measurements, and `medkd predict` on a tiny model."""
 
 import json
+import os
+import stat
 import statistics
 import subprocess
 import sys
@@ -57,7 +59,15 @@ def test_export_folder_is_self_describing_and_checked(trained):
         onnx.checker.check_model(proto)
         assert {p.key: p.value for p in proto.metadata_props}["medkd_format"] == export.FORMAT
         assert [o.name for o in proto.graph.output] == ["logits_modality", "logits_location"]
-    assert not list(trained["tmp"].glob(".exported-*"))  # no staging folder left behind
+    assert not list(trained["tmp"].glob(".exported*"))  # no staging folder left behind
+
+
+def test_export_folder_is_readable_by_group_and_others_like_every_output(trained):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [trained["folder"], *trained["folder"].rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
 def test_onnx_matches_pytorch_on_every_batch_and_sequence_length(trained):
@@ -139,6 +149,17 @@ def test_paired_speedup_alternates_and_bootstraps_the_pairs():
         ratios.append(statistics.median(teacher_ms[i] for i in pairs) / statistics.median(student_ms[i] for i in pairs))
     assert result["ci95"] == pytest.approx(list(np.percentile(ratios, [2.5, 97.5])), abs=1e-3)
     assert result["ci95"][0] <= result["speedup"] <= result["ci95"][1] and result["runs"] == 10 and result["block"] == 3
+
+
+def test_the_speedup_interval_is_the_studys_one_bootstrap_interval(monkeypatch):
+    """One percentile helper (medkd.stats) for every interval, at the study's one level."""
+    used = []
+    real = export.percentile_interval
+    monkeypatch.setattr(export, "percentile_interval", lambda *a, **k: used.append(a) or real(*a, **k))
+    clock = _FakeClock()
+    export.paired_speedup(lambda b: clock.spend(1.0 + b), lambda b: clock.spend(5.0), list(range(4)), runs=8,
+                          warmup=0, resamples=50, clock=clock)
+    assert len(used) == 1 and len(used[0]) == 2  # the default level: stats.LEVEL
 
 
 def test_a_students_stage_needs_its_teachers_export_read_as_it_reads_the_data(project, tmp_path):

@@ -17,7 +17,9 @@ import yaml
 
 from medkd.metrics import load_run
 from medkd.models import ModelConfig, build_model
-from medkd.stages.schema import student_configs, variants
+from medkd.presets import load_overlay, merge
+from medkd.stages.runs import variants
+from medkd.stages.schema import student_configs
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,10 +206,19 @@ def test_missing_data_set_fails_prepare_with_instructions(tmp_path):
     assert "run `make data`" in final[0] and "Traceback" not in done.stdout + done.stderr
 
 
+def _preset(name: str, tmp: Path) -> tuple[dict, Path]:
+    """A preset's params (params.yaml with the overlay laid over) and a file holding them."""
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                   load_overlay(REPO / "configs" / f"{name}.yaml"))
+    path = tmp / f"{name}-params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params, path
+
+
 def test_paper_preset_parses_builds_its_dag_and_models(tmp_path):
-    params = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    params, path = _preset("paper", tmp_path)
     assert params["data"]["medpix"]["image_size"] == 224 and params["distill"]["train"]["epochs"] == 10
-    root = _project(tmp_path, REPO / "configs" / "paper.yaml")
+    root = _project(tmp_path, path)
     dag = _run(["dvc", "dag", "--md"], root)
     for stage in ("prepare@wound", "teacher@medpix", "distill@wound-deit-tiny-minilm", "optuna", "report"):
         assert stage in dag
@@ -224,7 +235,7 @@ def test_full_preset_is_the_ci_study_at_full_scale(tmp_path):
     """configs/full.yaml (what the default's budget leaves out) has the shape of configs/ci.yaml, which
     the pipeline test above runs end to end: the same variants with the same scope, loss terms and
     modalities, and a masked copy of MedPix with its own teacher and primary-student twin."""
-    full = yaml.safe_load((REPO / "configs" / "full.yaml").read_text())
+    full, path = _preset("full", tmp_path)
     ci = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
 
     def shape(params):
@@ -242,7 +253,7 @@ def test_full_preset_is_the_ci_study_at_full_scale(tmp_path):
     assert shape(full) == shape(ci) and shape(full)[1:] == (True, 1)
     assert {"CT", "MR", "MRI", "T1", "T2", "FLAIR", "DWI", "ADC", "computed tomography", "magnetic resonance"} <= set(
         full["data"]["medpix-masked"]["mask_terms"])
-    root = _project(tmp_path, REPO / "configs" / "full.yaml")
+    root = _project(tmp_path, path)
     dag = _run(["dvc", "dag", "--md"], root)
     for stage in ("teacher@medpix-masked", "distill@mobilenetv2-minilm-masked", "optuna", "report"):
         assert stage in dag

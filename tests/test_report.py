@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from medkd import report
+from medkd.report import data as data_report
+from medkd.report import figures, plots, tables
 from medkd.data import DataConfig, PreparedData
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
@@ -38,7 +39,7 @@ def runs():
 
 
 def test_study_table_uses_the_data_sets_task_names_and_relative_improvement(runs):
-    table = report.study_table(runs, "wound")
+    table = tables.study_table(runs, "wound")
     assert list(table.columns) == ["Model", "Parameters", "Seeds", "Test Type F1", "Test Severity F1", "Avg F1",
                                    "Improvement"]
     assert table["Model"].tolist() == ["Teacher (v + t)", "Student (v + t)", "Student (v + t) [Optuna best]"]
@@ -49,7 +50,7 @@ def test_study_table_uses_the_data_sets_task_names_and_relative_improvement(runs
 
 
 def test_all_runs_table_is_rounded_and_complete(runs):
-    table = report.all_runs_table(runs)
+    table = tables.all_runs_table(runs)
     assert len(table) == 4 and "confusion1" not in table.columns
     assert table.loc[1, "avg_f1"] == 0.7
 
@@ -64,7 +65,7 @@ distill:
              loss: {weights: {ce: 1.0, kl: 1.0, mse: 100.0, crd: 10.0}, temperature: 2.0}, train: {lr: 3.0e-04}}
 """)
     best = {"params": {"loss.weights.kl": 0.3123, "model.fusion_layers": 3}}
-    table = report.hyperparameter_table(params, best).set_index("Parameter")
+    table = tables.hyperparameter_table(params, best).set_index("Parameter")
     assert table.loc["KL weight (alpha)"].tolist() == ["1", "0.518", "0.312"]
     assert table.loc["MSE weight (beta)"].tolist() == ["100", "112", ""]
     assert table.loc["T (temperature)", "Optimized"] == "3.19"
@@ -80,7 +81,7 @@ def medpix(tmp_path_factory):
 
 
 def test_class_balance_counts_each_class_per_split(medpix):
-    balance = report.class_balance(medpix)
+    balance = data_report.class_balance(medpix)
     for t, task in enumerate(medpix.vocab.tasks):
         for split in ("train", "dev", "test"):
             counts = pd.Series([r.labels[t] for r in medpix.records[split]]).value_counts()
@@ -88,13 +89,13 @@ def test_class_balance_counts_each_class_per_split(medpix):
 
 
 def test_text_statistics_counts_captions_that_name_the_label(medpix, tmp_path):
-    stats = report.text_statistics(medpix)
+    stats = data_report.text_statistics(medpix)
     assert stats.loc["train", "names_modality_pct"] == 0.0  # synthetic captions never say CT/MR
     records = medpix.records["train"]
     texts = ["an MRI of the head", "CT shows", "computed", "T2 FLAIR", "xct", "mr"] + [r.text for r in records[6:]]
     medpix.records["train"] = [type(r)(r.image_id, r.image_path, text, r.labels) for r, text in zip(records, texts)]
     try:
-        stats = report.text_statistics(medpix)
+        stats = data_report.text_statistics(medpix)
     finally:
         medpix.records["train"] = records
     # Whole upper-case words only: "MRI", "CT", "T2" count; "computed", "xct" and "mr" do not.
@@ -105,17 +106,17 @@ def test_text_statistics_counts_captions_that_name_the_label(medpix, tmp_path):
 
 def test_wound_statistics_have_no_label_word_column(tmp_path):
     root = make_synthetic_wound(tmp_path / "wound", sizes=(8, 4, 4), image_size=16)
-    stats = report.text_statistics(PreparedData.load(DataConfig("wound", str(root), image_size=16)))
+    stats = data_report.text_statistics(PreparedData.load(DataConfig("wound", str(root), image_size=16)))
     assert not [c for c in stats.columns if c.startswith("names_")]
 
 
 def test_figures_are_written_whole(runs, medpix, tmp_path):
-    report.plot_f1_per_model(runs, tmp_path / "f1.png")
-    report.plot_params_vs_f1(runs, tmp_path / "size.png")
-    report.plot_confusions(runs, tmp_path / "confusion.png")
-    report.plot_training_curves(runs, tmp_path / "curves.png")
-    report.plot_class_balance(report.class_balance(medpix), tmp_path / "balance.png")
-    report.plot_examples(medpix, tmp_path / "examples.png")
+    figures.plot_f1_per_model(runs, tmp_path / "f1.png")
+    figures.plot_params_vs_f1(runs, tmp_path / "size.png")
+    figures.plot_confusions(runs, tmp_path / "confusion.png")
+    figures.plot_training_curves(runs, tmp_path / "curves.png")
+    data_report.plot_class_balance(data_report.class_balance(medpix), tmp_path / "balance.png")
+    data_report.plot_examples(medpix, tmp_path / "examples.png")
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["balance.png", "confusion.png", "curves.png", "examples.png", "f1.png", "size.png"]
     assert all((tmp_path / name).read_bytes().startswith(PNG) for name in written)
@@ -126,7 +127,7 @@ def test_log_axes_label_1_2_3_5_steps_in_plain_numbers_and_one_size():
 
     fig, ax = plt.subplots()
     ax.scatter([4.7, 12.0, 66.0], [0.6, 0.7, 0.8])
-    report._log_x(ax)
+    plots.log_x_axis(ax)
     fig.canvas.draw()
     low, high = ax.get_xlim()
     shown = [(tick.get_loc(), tick.label1.get_text(), tick.label1.get_fontsize()) for tick in ax.xaxis.get_major_ticks()
@@ -149,24 +150,24 @@ def test_deployment_goals_judge_each_speed_up_by_its_interval_and_each_int8_chan
     deployments = [_deployment("teacher-medpix", -0.007), _deployment("s-fast", 0.0, (5.3, 5.0, 5.6)),
                    _deployment("s-close", -0.01, (5.24, 4.97, 5.55)), _deployment("s-slow", -0.0101, (4.51, 4.31, 4.82)),
                    _deployment("s-unpaired", 0.002)]
-    assert [report.speedup_verdict(d.get("speedup_vs_teacher"), 5.0) for d in deployments[1:]] == [
+    assert [tables.speedup_verdict(d.get("speedup_vs_teacher"), 5.0) for d in deployments[1:]] == [
         "met", "not detectable", "missed", "not measured"]
-    assert report.speedup_verdict({"ci95": [4.2, 4.99]}, 5.0) == "missed"
-    assert report.speedup_verdict({"ci95": [6.1, 7.0]}, 6.5) == "not detectable"
-    speed, int8 = report.deployment_goals(deployments, 5.0, 0.01)[2:]
+    assert tables.speedup_verdict({"ci95": [4.2, 4.99]}, 5.0) == "missed"
+    assert tables.speedup_verdict({"ci95": [6.1, 7.0]}, 6.5) == "not detectable"
+    speed, int8 = tables.deployment_goals(deployments, 5.0, 0.01)[2:]
     assert speed == ("- **Speed-up ≥ 5× over the teacher** (batch 1, 1 thread): met by 1 of 4 students; "
                      "not detectable: s-close (5.24× [4.97, 5.55]); missed: s-slow (4.51× [4.31, 4.82]); "
                      "not measured: s-unpaired.")
     # -0.01 is within a 0.01 allowance; -0.0101 is not. The teacher counts for int8 (it is exported too).
     assert int8 == ("- **int8 costs at most 0.01 avg F1**: met by 4 of 5 models (largest change -0.010); "
                     "missed: s-slow (-0.010).")
-    lines = report.deployment_goals(deployments[:2], 5.0, 0.02)
+    lines = tables.deployment_goals(deployments[:2], 5.0, 0.02)
     assert lines[2].endswith("met by 1 of 1 students.") and lines[3].endswith("(largest change -0.007).")
 
 
 def test_data_report_markdown_explains_label_word_columns(medpix):
     summary = {"dataset": "medpix", "sizes": {"train": 10}, "text_fields": ["Caption"]}
-    text = report.data_report_markdown(summary, report.class_balance(medpix), report.text_statistics(medpix))
+    text = data_report.data_report_markdown(summary, data_report.class_balance(medpix), data_report.text_statistics(medpix))
     assert "`names_modality_pct`: share of texts that name the modality label" in text
     assert "![class balance](class_balance.png)" in text
 
@@ -184,7 +185,7 @@ def test_interval_table_pairs_the_claims_and_says_what_is_not_detectable():
             _run("wound", "s1", "baseline", (0.0, 1.0))]
     for row, wrong in zip(rows, (False, False, True)):
         row["predictions"] = predictions(wrong)
-    table = report.interval_table(pd.DataFrame(rows), "wound", n_resamples=300).set_index("name")
+    table = tables.interval_table(pd.DataFrame(rows), "wound", n_resamples=300).set_index("name")
     assert list(table.index) == ["teacher", "s1 tuned", "s1 baseline", "s1 tuned − teacher",
                                  "s1 tuned − s1 baseline", "s1 baseline − teacher"]
     assert table.loc["s1 tuned − teacher", ["estimate", "low", "high"]].tolist() == [0.0, 0.0, 0.0]
@@ -192,17 +193,17 @@ def test_interval_table_pairs_the_claims_and_says_what_is_not_detectable():
     # baseline gets every type wrong (type F1 0, severity F1 1): 0.5 below tuned on every resample.
     assert table.loc["s1 tuned − s1 baseline", ["estimate", "low", "high"]].tolist() == [0.5, 0.5, 0.5]
     assert table.loc["s1 tuned − s1 baseline", "reading"] == "detectable"
-    markdown = report.interval_markdown(table.reset_index())
+    markdown = tables.interval_markdown(table.reset_index())
     assert re.search(r"\| s1 tuned − teacher +\| 1 +\| \+0\.000 +\| \[\+0\.000, \+0\.000\] +\| no detectable difference +\|",
                      markdown), markdown
 
 
 def test_study_table_shows_the_distillation_effect_against_the_no_kd_control(runs):
     with_control = pd.concat([runs, pd.DataFrame([_run("wound", "s1", "no-kd", (0.6, 0.6))])], ignore_index=True)
-    table = report.study_table(with_control, "wound")
+    table = tables.study_table(with_control, "wound")
     # tuned avg 0.70 and Optuna best 0.80 against the no-KD student's 0.60; the teacher has none.
     assert table["vs no-KD"].tolist() == ["", "+0.100", "+0.200"]
-    assert "vs no-KD" not in report.study_table(runs, "wound").columns
+    assert "vs no-KD" not in tables.study_table(runs, "wound").columns
 
 
 def test_per_class_table_counts_each_class_of_each_run(tmp_path):
@@ -210,12 +211,12 @@ def test_per_class_table_counts_each_class_of_each_run(tmp_path):
                           "severity_true": list("xxyyzz"), "severity_pred": list("xxyyzz")})
     row = _run("wound", "s1", "tuned", (0.0, 1.0))
     row["predictions"] = frame
-    table = report.per_class_table(pd.DataFrame([row])).set_index(["task", "class"])
+    table = tables.per_class_table(pd.DataFrame([row])).set_index(["task", "class"])
     # type A: 1 of 2 found (recall 0.5), 1 of 2 predicted A right (precision 0.5); B: 3 of 4, 3 of 4.
     assert table.loc[("type", "A"), ["precision", "recall", "f1", "support"]].tolist() == [0.5, 0.5, 0.5, 2]
     assert table.loc[("type", "B"), ["precision", "recall", "f1", "support"]].tolist() == [0.75, 0.75, 0.75, 4]
     assert (table.loc["severity", "f1"] == 1.0).all() and table.loc["severity", "support"].tolist() == [2, 2, 2]
-    report.plot_per_class_f1(table.reset_index(), tmp_path / "per_class.png")
+    figures.plot_per_class_f1(table.reset_index(), tmp_path / "per_class.png")
     assert (tmp_path / "per_class.png").read_bytes().startswith(PNG)
 
 
@@ -223,23 +224,23 @@ def test_results_name_the_environment_and_flag_mixed_ones(runs):
     env = {"cpu": "AMD EPYC", "cpu_isa": "AVX512", "cpu_count": 2, "torch_threads": 2, "gpu": None,
            "precision": "bf16 autocast", "python": "3.11.7", "versions": {"torch": "2.14.1"}}
     same = runs.assign(environment=[env] * len(runs))
-    lines = "\n".join(report.environment_lines(same))
+    lines = "\n".join(tables.environment_lines(same))
     assert "CPU AMD EPYC (torch kernels: AVX512), 2 cores, 2 torch threads; GPU none; bf16 autocast" in lines
     assert "different environments" not in lines
     mixed = runs.assign(environment=[env] * (len(runs) - 1) + [{**env, "cpu_isa": "AVX512_BF16_AMX"}])
-    assert "ran in 2 different environments" in "\n".join(report.environment_lines(mixed))
-    assert report.environment_lines(runs) == []  # runs from before environments were recorded
+    assert "ran in 2 different environments" in "\n".join(tables.environment_lines(mixed))
+    assert tables.environment_lines(runs) == []  # runs from before environments were recorded
 
 
 def test_models_with_several_seeds_show_mean_and_std_and_every_seed_in_all_runs(runs):
     seeds = pd.DataFrame([_run("wound", "s1", "tuned", (0.9, 0.7), seed=7), _run("wound", "s1", "tuned", (0.7, 0.5),
                                                                                  seed=8)])
-    table = report.study_table(pd.concat([runs, seeds], ignore_index=True), "wound").set_index("Model")
+    table = tables.study_table(pd.concat([runs, seeds], ignore_index=True), "wound").set_index("Model")
     # tuned avg F1 over seeds 42, 7, 8: 0.70, 0.80, 0.60 -> mean 0.70, std 0.10.
     assert table.loc["Student (v + t)", "Avg F1"] == "**0.700 ± 0.100**"
     assert table.loc["Student (v + t)", "Seeds"] == 3 and table.loc["Student (v + t)", "Test Type F1"] == "0.800 ± 0.100"
     assert table.loc["Teacher (v + t)", "Avg F1"] == "**0.850**"
-    all_runs = report.all_runs_table(pd.concat([runs, seeds], ignore_index=True))
+    all_runs = tables.all_runs_table(pd.concat([runs, seeds], ignore_index=True))
     assert all_runs[all_runs.variant == "tuned"].seed.tolist() == [42, 7, 8]
 
 
@@ -259,13 +260,13 @@ def test_ablations_are_compared_with_their_base_and_interval_tables_with_seeds()
                        _run("wound", "s1", "tuned", (1, 1), seed=7), _run("wound", "s1", "no-kd", (1, 1)),
                        _run("wound", "s1", "no-crd", (1, 1))], right=[12, 12, 12, 12, 0])
     bases = {"tuned": None, "baseline": None, "no-kd": "tuned", "no-crd": "tuned"}
-    table = report.interval_table(runs, "wound", n_resamples=200, bases=bases).set_index("name")
+    table = tables.interval_table(runs, "wound", n_resamples=200, bases=bases).set_index("name")
     assert table.loc["s1 tuned", "seeds"] == 2 and table.loc["s1 no-crd", "seeds"] == 1
     assert "s1 no-crd − s1 tuned" in table.index and "s1 no-crd − teacher" not in table.index
     assert "s1 tuned − s1 no-kd" in table.index and "s1 no-kd − s1 tuned" not in table.index
     # no-crd gets every type wrong: type F1 0, severity F1 1 -> avg 0.5, 0.5 below tuned on every resample.
     assert table.loc["s1 no-crd − s1 tuned", ["estimate", "low", "high"]].tolist() == [-0.5, -0.5, -0.5]
-    ablations = report.ablation_table(table.reset_index(), bases)
+    ablations = tables.ablation_table(table.reset_index(), bases)
     assert ablations.to_dict("records") == [{
         "Model": "s1 no-crd", "Seeds": 1, "Avg F1": "0.500", "Compared with": "s1 tuned", "Difference": "-0.500",
         "95% interval": "[-0.500, -0.500]", "Reading": "detectable"}]
@@ -276,7 +277,7 @@ def test_masking_table_pairs_each_model_with_its_unmasked_twin():
                        right=[12, 12])
     masked = _predicted([_run("medpix-masked", "Teacher", "teacher", (1, 1)),
                          _run("medpix-masked", "s1-masked", "tuned", (1, 1))], right=[12, 0])
-    table = report.masking_table(pd.concat([plain, masked], ignore_index=True), {"medpix-masked": "medpix"},
+    table = tables.masking_table(pd.concat([plain, masked], ignore_index=True), {"medpix-masked": "medpix"},
                                  n_resamples=100)
     assert table[["Model", "Unmasked", "Masked", "Change", "Reading"]].values.tolist() == [
         ["v + t [teacher]", "1.000", "1.000", "+0.000", "no detectable difference"],
@@ -287,13 +288,13 @@ def test_loss_drivers_average_each_terms_value_and_gradient_share(tmp_path):
     probes = {"s [tuned]": pd.DataFrame({"step": [0, 0, 10, 10], "epoch": 1, "term": ["ce", "crd"] * 2,
                                          "weighted_value": [2.0, 100.0, 1.0, 50.0],
                                          "grad_norm": [1.0, 3.0, 1.0, 1.0]})}
-    summary = report.loss_driver_summary(probes).set_index("term")
+    summary = tables.loss_driver_summary(probes).set_index("term")
     # Shares per step: (1/4, 3/4) then (1/2, 1/2) -> means 0.375 and 0.625.
     assert summary.loc["crd", ["mean weighted value", "mean gradient share"]].tolist() == [75.0, 0.625]
     assert summary.loc["ce", "mean gradient share"] == 0.375
-    assert "carries 62% of" in report.gamma_finding(summary.reset_index())
-    assert "drives the student's gradient" in report.gamma_finding(summary.reset_index())
-    report.plot_loss_drivers(probes, tmp_path / "drivers.png")
+    assert "carries 62% of" in tables.gamma_finding(summary.reset_index())
+    assert "drives the student's gradient" in tables.gamma_finding(summary.reset_index())
+    figures.plot_loss_drivers(probes, tmp_path / "drivers.png")
     assert (tmp_path / "drivers.png").read_bytes().startswith(PNG)
 
 
@@ -306,6 +307,6 @@ def test_search_history_marks_pruned_trials_and_the_start_up(tmp_path):
         trial.report(0.1 * k, 1)
         study.tell(trial, 0.1 * k if k != 3 else None,
                    state=optuna.trial.TrialState.PRUNED if k == 3 else optuna.trial.TrialState.COMPLETE)
-    report.plot_optuna(study, tmp_path, n_startup_trials=2)
+    figures.plot_optuna(study, tmp_path, n_startup_trials=2)
     assert (tmp_path / "optimization_history.png").read_bytes().startswith(PNG)
     assert (tmp_path / "param_importances.png").read_bytes().startswith(PNG)

@@ -21,8 +21,12 @@ def problems_after(change) -> dict[str, str]:
 
 
 def test_committed_configs_fit_the_schema():
-    for name in ("params.yaml", "configs/ci.yaml", "configs/paper.yaml", "configs/full.yaml"):
+    from medkd.presets import load_overlay, merge
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name in ("params.yaml", "configs/ci.yaml"):
         assert check_params(yaml.safe_load((REPO / name).read_text())) == [], name
+    for name in ("configs/paper.yaml", "configs/full.yaml"):  # overlays on params.yaml
+        assert check_params(merge(base, load_overlay(REPO / name))) == [], name
 
 
 def test_a_key_typo_names_its_path_and_the_nearest_key():
@@ -55,7 +59,7 @@ ONE_PROBLEM = {
         {"distill.no-kd.base": "no variant 'tunde' (did you mean 'tuned'?); variants: tuned, baseline, no-kd, no-kl, no-mse, no-crd, kl-only, image-only, text-only"}),
     "a typo of a shared distill key is not taken for a variant": (
         lambda p: p["distill"].update(pretrianed=p["distill"].pop("pretrained")),
-        {"distill.pretrianed": "unknown key (did you mean 'pretrained'?); expected one of: pretrained, train, "
+        {"distill.pretrianed": "unknown key (did you mean 'pretrained'?); expected one of: model, pretrained, train, "
                                "or a variant (a mapping of base/students/seeds/model/loss/train)"}),
 }
 
@@ -151,22 +155,27 @@ def test_check_params_command(tmp_path):
 
 
 def test_check_params_refuses_bf16_that_this_cpu_would_emulate(tmp_path, monkeypatch, capsys):
-    import medkd.train
+    import medkd.environment
     from medkd.cli import check_params_command
     params = copy.deepcopy(CI)
-    params["runtime"] = {**params.get("runtime", {}), "device": "cpu", "bf16": True}
+    params["runtime"] = {**params.get("runtime", {}), "device": "cpu", "precision": "bf16"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setattr(medkd.train, "cpu_runs_bf16_natively", lambda: False)
+    monkeypatch.setattr(medkd.environment, "cpu_runs_bf16_natively", lambda: False)
     assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 2 and not (tmp_path / "ok").exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert "no bf16 instructions" in err[0] and "Set runtime.bf16: false" in err[0]
+    assert len(err) == 2 and "no bf16 instructions" in err[0] and "Set runtime.precision: fp32" in err[0]
     assert err[-1] == f"{tmp_path / 'params.yaml'}: fits the schema, but not this machine; nothing was run"
-    monkeypatch.setattr(medkd.train, "cpu_runs_bf16_natively", lambda: True)
+    params["runtime"]["precision"] = "auto"  # auto falls back to fp32 here: accepted
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 0 and (tmp_path / "ok").exists()
+    params["runtime"]["precision"] = "bf16"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(medkd.environment, "cpu_runs_bf16_natively", lambda: True)
     assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 0 and (tmp_path / "ok").exists()
 
 
 def test_variants_are_the_entries_of_distill_and_start_from_their_base():
-    from medkd.stages.schema import variants
+    from medkd.stages.runs import variants
     assert variants(CI)[:3] == ["tuned", "baseline", "no-kd"]
     tuned_model, _, tuned_train = student_configs(CI, "tiny-a", "tuned")
     model, loss, train = student_configs(CI, "tiny-a", "no-kd")
@@ -179,7 +188,7 @@ def test_variants_are_the_entries_of_distill_and_start_from_their_base():
 
 
 def test_runs_expand_variants_by_their_students_and_seeds():
-    from medkd.stages.schema import Run, student_runs
+    from medkd.stages.runs import Run, student_runs
     # tiny-a is optuna.student (the primary student): tuned and no-kd on seeds.primary, the
     # ablations (students: primary) once; the other students take tuned, baseline, no-kd once.
     assert student_runs(CI, "tiny-a") == [

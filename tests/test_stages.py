@@ -1,5 +1,6 @@
 """Stage functions in-process on a tiny project: resume state and the Optuna study outlive a killed stage."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ from medkd.datasets import DataError
 from medkd.stages.distill import distill_stage
 from medkd.stages.prepare import prepare_stage
 from medkd.stages.results import read_deployments
-from medkd.stages.schema import ParamsError, student_runs
+from medkd.stages.runs import student_runs
+from medkd.stages.schema import ParamsError
 from medkd.stages.tune import optuna_stage
 from medkd.synthetic import make_synthetic_medpix
 from medkd.train import TrainingInterrupted
@@ -52,11 +54,11 @@ def test_distill_stage_resumes_a_killed_variant_and_keeps_the_finished_one(proje
     real = distill_module.distill_student
     calls = []
 
-    def interrupt_baseline(*args, **kwargs):
-        calls.append(kwargs["resume_path"].name)
+    def interrupt_baseline(data, run):
+        calls.append(run.resume_path.name)
         if "baseline" in calls[-1] and calls.count(calls[-1]) == 1:  # the first baseline run, once
-            kwargs["report_epoch"] = lambda epoch, score: (_ for _ in ()).throw(KeyboardInterrupt)
-        return real(*args, **kwargs)
+            run = dataclasses.replace(run, report_epoch=lambda epoch, score: (_ for _ in ()).throw(KeyboardInterrupt))
+        return real(data, run)
 
     monkeypatch.setattr(distill_module, "distill_student", interrupt_baseline)
     with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2 of 2: epochs 1-1 are saved"):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pandas as pd
@@ -11,14 +12,13 @@ from medkd.metrics import metrics_from_predictions
 from medkd.models import ModelConfig
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 from medkd.train import (
-    TrainConfig, TrainingInterrupted, build_teacher_cache, distill_student, load_checkpoint,
-    load_or_build_teacher_cache, predict,
-    train_teacher,
+    Distillation, TeacherSource, TrainConfig, TrainingInterrupted, build_teacher_cache, distill_student,
+    load_checkpoint, load_or_build_teacher_cache, predict, train_teacher,
 )
 
 TEACHER = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=24, fusion_heads=2, dropout=0.1)
 STUDENT = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, fusion_heads=2, dropout=0.2)
-FAST = TrainConfig(epochs=1, batch_size=8, eval_batch_size=16, lr=1e-3, seed=7, bf16=False)  # bf16: its own tests
+FAST = TrainConfig(epochs=1, batch_size=8, eval_batch_size=16, lr=1e-3, seed=7, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_checkpoint_rebuilds_the_model(teacher_run, data):
     assert payload["vocab"]["classes"][0] == ["CT", "MR"]
     assert payload["model_config"] == TEACHER.to_dict()
     loader = make_loader(data.dataset("dev", {"teacher": build_tokenizer("tiny-bert")}), 16, shuffle=False)
-    out = predict(model, loader, torch.device("cpu"), "teacher", bf16=FAST.bf16)
+    out = predict(model, loader, torch.device("cpu"), "teacher", bf16=False)
     frame = pd.read_csv(teacher_run.checkpoint.parent / "predictions_dev.csv")
     pred = [data.vocab.classes[0][i] for i in out["logits_modality"].argmax(1)]
     assert pred == frame["modality_pred"].tolist()
@@ -60,8 +60,9 @@ def test_checkpoint_rebuilds_the_model(teacher_run, data):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cached_teacher_outputs_equal_live_ones(teacher_run, data, bf16):
-    cfg = TrainConfig(**{**FAST.to_dict(), "bf16": bf16})
-    cache = build_teacher_cache(teacher_run.checkpoint, data, cfg)
+    cfg = TrainConfig(**{**FAST.to_dict(), "precision": "bf16" if bf16 else "fp32"})
+    # bf16 here tests the cache's numerics, whatever this CPU has (emulated bf16 is slow, not wrong).
+    cache = build_teacher_cache(teacher_run.checkpoint, data, cfg, device=torch.device("cpu"))
     teacher, _ = load_checkpoint(teacher_run.checkpoint)
     teacher.eval()
     dataset = data.dataset("train", {"teacher": build_tokenizer("tiny-bert")})
@@ -144,8 +145,8 @@ def test_cache_key_covers_everything_that_changes_teacher_outputs(teacher_run, d
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_distillation_leaves_teacher_bit_identical(teacher_run, data, tmp_path, use_cache):
     before = torch.load(teacher_run.checkpoint, weights_only=False)["state_dict"]
-    result = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), FAST, tmp_path,
-                             cache_path=tmp_path / "cache.pt", use_cache=use_cache)
+    source = TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt", live=not use_cache)
+    result = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path, source))
     after = torch.load(teacher_run.checkpoint, weights_only=False)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "cache.pt").exists() == use_cache
@@ -168,28 +169,32 @@ def test_live_teacher_stays_frozen_during_the_epoch(teacher_run, data, tmp_path,
         return model, payload
 
     monkeypatch.setattr(train_module, "load_checkpoint", spy)
-    distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), FAST, tmp_path, use_cache=False)
+    distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path,
+                                       TeacherSource(teacher_run.checkpoint, live=True)))
     teacher = seen["teacher"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_same_seed_same_metrics(teacher_run, data, tmp_path):
-    runs = [distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), FAST, tmp_path / str(i),
-                            cache_path=tmp_path / "cache.pt") for i in range(2)]
+    source = TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")
+    runs = [distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path / str(i), source))
+            for i in range(2)]
     assert runs[0].history[0]["train_total"] == runs[1].history[0]["train_total"]
     assert runs[0].test == runs[1].test
-    other = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8),
-                            TrainConfig(**{**FAST.to_dict(), "seed": 8}), tmp_path / "other",
-                            cache_path=tmp_path / "cache.pt")
+    other = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8),
+                                               TrainConfig(**{**FAST.to_dict(), "seed": 8}), tmp_path / "other",
+                                               source))
     assert other.history[0]["train_total"] != runs[0].history[0]["train_total"]
 
 
 def test_augmentation_runs_the_teacher_live(teacher_run, data, tmp_path):
     cfg = TrainConfig(**{**FAST.to_dict(), "augment": True})
     with pytest.raises(ValueError, match="cannot serve randomly augmented"):
-        distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(), cfg, tmp_path, use_cache=True)
-    result = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), cfg, tmp_path)
+        distill_student(data, Distillation(STUDENT, LossConfig(), cfg, tmp_path,
+                                           TeacherSource(teacher_run.checkpoint, live=False)))
+    result = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), cfg, tmp_path,
+                                                TeacherSource(teacher_run.checkpoint)))
     assert not (tmp_path / "teacher_cache.pt").exists() and result.best_epoch == 1
 
 
@@ -197,7 +202,8 @@ def test_wound_layout_end_to_end(tmp_path):
     root = make_synthetic_wound(tmp_path / "wound", sizes=(24, 8, 8), image_size=32)
     data = PreparedData.load(DataConfig("wound", str(root), image_size=32, max_length=32))
     teacher = train_teacher(data, TEACHER, FAST, tmp_path / "t")
-    student = distill_student(data, teacher.checkpoint, STUDENT, LossConfig(nce_k=8), FAST, tmp_path / "s")
+    student = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path / "s",
+                                                 TeacherSource(teacher.checkpoint)))
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["tasks"] == ["type", "severity"] and set(metrics["test"]) >= {"type", "severity", "avg_f1"}
     assert student.test["avg_f1"] == metrics["test"]["avg_f1"]
@@ -217,17 +223,20 @@ def _interrupt_after(stop_epoch):
     return report
 
 
-@pytest.mark.parametrize("train_by_length", [False, True])
-def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, data, tmp_path, train_by_length):
+@pytest.mark.parametrize("train_by_length, trunks", [(False, "all"), (True, "all"), (True, 1)])
+def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, data, tmp_path, train_by_length,
+                                                                  trunks):
+    """Also with frozen trunks read from the trunk cache (`trunks`: the backbones' trainable blocks)."""
     cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 3, "train_by_length": train_by_length})
-    args = (data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), cfg)
-    cache = tmp_path / "cache.pt"
-    full = distill_student(*args, tmp_path / "full", cache_path=cache)
+    student = dataclasses.replace(STUDENT, vision_train_blocks=trunks, text_train_blocks=trunks)
     resume = tmp_path / "state" / "resume.pt"
+    run = Distillation(student, LossConfig(nce_k=8), cfg, tmp_path / "cut",
+                       TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt"), resume_path=resume)
+    full = distill_student(data, dataclasses.replace(run, out_dir=tmp_path / "full", resume_path=None))
     with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2 of 3: epochs 1-1 are saved in .*resume.pt"):
-        distill_student(*args, tmp_path / "cut", cache_path=cache, resume_path=resume, report_epoch=_interrupt_after(1))
+        distill_student(data, dataclasses.replace(run, report_epoch=_interrupt_after(1)))
     assert torch.load(resume, weights_only=False)["epoch"] == 1
-    resumed = distill_student(*args, tmp_path / "cut", cache_path=cache, resume_path=resume)
+    resumed = distill_student(data, run)
     for split in ("dev", "test"):
         assert (tmp_path / "full" / f"predictions_{split}.csv").read_bytes() == \
             (tmp_path / "cut" / f"predictions_{split}.csv").read_bytes()
@@ -238,7 +247,7 @@ def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, d
     # The finished run left its state marked complete: a re-run writes the outputs without training.
     state = torch.load(resume, weights_only=False)
     assert state["complete"] and state["optimizer"] is None
-    again = distill_student(*args, tmp_path / "again", cache_path=cache, resume_path=resume)
+    again = distill_student(data, dataclasses.replace(run, out_dir=tmp_path / "again"))
     assert again.history == resumed.history
 
 
@@ -269,13 +278,15 @@ def test_state_of_another_run_is_not_resumed(teacher_run, data, tmp_path):
     cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})
     resume = tmp_path / "resume.pt"
     with pytest.raises(TrainingInterrupted):
-        distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), cfg, tmp_path / "a",
-                        cache_path=tmp_path / "cache.pt", resume_path=resume, report_epoch=_interrupt_after(1))
+        distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), cfg, tmp_path / "a",
+                                           TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt"),
+                                           resume_path=resume, report_epoch=_interrupt_after(1)))
     other = TrainConfig(**{**cfg.to_dict(), "lr": 5e-4})  # another learning rate: another run
-    run = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), other, tmp_path / "b",
-                          cache_path=tmp_path / "cache.pt", resume_path=resume)
-    fresh = distill_student(data, teacher_run.checkpoint, STUDENT, LossConfig(nce_k=8), other, tmp_path / "c",
-                            cache_path=tmp_path / "cache.pt")
+    run = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), other, tmp_path / "b",
+                                             TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt"),
+                                             resume_path=resume))
+    fresh = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), other, tmp_path / "c",
+                                               TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")))
     assert [r["train_total"] for r in run.history] == [r["train_total"] for r in fresh.history]
 
 
@@ -334,8 +345,8 @@ def test_no_kd_control_reads_runs_and_caches_no_teacher(data, tmp_path, monkeypa
     for name in ("load_checkpoint", "read_checkpoint", "load_or_build_teacher_cache", "build_teacher_cache"):
         monkeypatch.setattr(train_module, name, forbidden)
     cache = tmp_path / "cache.pt"
-    run = distill_student(data, tmp_path / "no-such-teacher.pt", STUDENT, LossConfig(weights={"ce": 1.0}), FAST,
-                          tmp_path / "no-kd", cache_path=cache)
+    run = distill_student(data, Distillation(STUDENT, LossConfig(weights={"ce": 1.0}), FAST, tmp_path / "no-kd",
+                                             TeacherSource(tmp_path / "no-such-teacher.pt", cache_path=cache)))
     assert not cache.exists()
     assert set(run.history[0]) >= {"train_ce", "train_total"} and "train_kl" not in run.history[0]
     assert run.history[0]["train_ce"] == pytest.approx(run.history[0]["train_total"])
@@ -347,7 +358,7 @@ def test_every_run_records_its_environment(teacher_run):
     env = json.loads((teacher_run.checkpoint.parent / "metrics.json").read_text())["environment"]
     assert env["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
     assert env["torch_threads"] == torch.get_num_threads() and env["world_size"] == 1
-    assert env["precision"] == ("bf16 autocast" if FAST.bf16 else "fp32") and env["device"] == "cpu"
+    assert env["precision"] == "fp32" and env["precision_requested"] == FAST.precision and env["device"] == "cpu"
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["transformers"]
 
 
@@ -374,11 +385,12 @@ def test_probe_gives_each_weighted_terms_gradient_norm():
 
 def test_probing_records_loss_terms_and_leaves_training_unchanged(data, teacher_run, tmp_path):
     loss_cfg = LossConfig(weights={"ce": 1.0, "kl": 0.5, "mse": 10.0})
-    plain = distill_student(data, teacher_run.checkpoint, STUDENT, loss_cfg, FAST, tmp_path / "plain",
-                            cache_path=tmp_path / "cache.pt")
-    probed = distill_student(data, teacher_run.checkpoint, STUDENT, loss_cfg,
-                             TrainConfig(**{**FAST.to_dict(), "probe_every": 2}), tmp_path / "probed",
-                             cache_path=tmp_path / "cache.pt")
+    plain = distill_student(data, Distillation(STUDENT, loss_cfg, FAST, tmp_path / "plain",
+                                               TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")))
+    probed = distill_student(data, Distillation(STUDENT, loss_cfg,
+                                                TrainConfig(**{**FAST.to_dict(), "probe_every": 2}),
+                                                tmp_path / "probed",
+                                                TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")))
     assert plain.history[0]["train_total"] == probed.history[0]["train_total"]
     assert plain.dev == probed.dev
     terms = pd.read_csv(tmp_path / "probed" / "loss_terms.csv")
@@ -386,26 +398,36 @@ def test_probing_records_loss_terms_and_leaves_training_unchanged(data, teacher_
     assert (terms.grad_norm > 0).all() and not (tmp_path / "plain" / "loss_terms.csv").exists()
 
 
-def test_bf16_that_the_cpu_would_emulate_is_named_and_warned_about(monkeypatch):
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_resolves_per_machine_and_emulated_bf16_is_refused(monkeypatch, native):
+    import medkd.environment
     import medkd.train as train
-    monkeypatch.setattr(train, "cpu_runs_bf16_natively", lambda: False)
-    problem = train.precision_problem(torch.device("cpu"), True)
-    assert "no bf16 instructions" in problem and "Set runtime.bf16: false" in problem
-    assert train.precision_problem(torch.device("cpu"), False) is None
-    assert train.precision_problem(torch.device("cuda"), True) is None  # a GPU's bf16 is not this check's business
-    with pytest.warns(RuntimeWarning, match="no bf16 instructions"):
-        assert train.training_device(TrainConfig(device="cpu", bf16=True)).type == "cpu"
-    monkeypatch.setattr(train, "cpu_runs_bf16_natively", lambda: True)
-    assert train.precision_problem(torch.device("cpu"), True) is None
+    monkeypatch.setattr(medkd.environment, "cpu_runs_bf16_natively", lambda: native)
+    cpu = torch.device("cpu")
+    assert train.uses_bf16("fp32", cpu) is False and train.uses_bf16("bf16", cpu) is True
+    assert train.uses_bf16("auto", cpu) is native  # auto: bf16 only where the hardware has it
+    assert train.precision_problem(cpu, "fp32") is None and train.precision_problem(cpu, "auto") is None
+    problem = train.precision_problem(cpu, "bf16")
+    if native:
+        assert problem is None
+        assert train.training_device(TrainConfig(device="cpu", precision="auto")) == (cpu, True)
+    else:
+        assert "no bf16 instructions" in problem and "Set runtime.precision: fp32" in problem
+        with pytest.raises(ValueError, match="no bf16 instructions"):
+            train.training_device(TrainConfig(device="cpu", precision="bf16"))
+        assert train.training_device(TrainConfig(device="cpu", precision="auto")) == (cpu, False)
 
 
-@pytest.mark.parametrize("machine, avx512_bf16, amx, native", [
-    ("x86_64", False, False, False), ("x86_64", True, False, True), ("x86_64", False, True, True),
-    ("aarch64", False, False, True),  # not judged off x86
+@pytest.mark.parametrize("machine, avx512_bf16, amx, features, native", [
+    ("x86_64", False, False, "fpu avx2", False), ("x86_64", True, False, "", True), ("x86_64", False, True, "", True),
+    ("aarch64", False, False, "fp asimd sve", False),  # Arm without the BF16 extension emulates it
+    ("aarch64", False, False, "fp asimd bf16 sve", True), ("riscv64", True, True, "bf16", False),  # unknown: fp32
 ])
-def test_cpu_bf16_probe_reads_torchs_instruction_probes(monkeypatch, machine, avx512_bf16, amx, native):
+def test_cpu_bf16_probe_reads_instruction_probes_and_feature_flags(monkeypatch, machine, avx512_bf16, amx,
+                                                                   features, native):
     from medkd import environment
     monkeypatch.setattr(environment.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(environment, "cpu_features", lambda: set(features.split()))
     assert environment.cpu_runs_bf16_natively() is native

@@ -78,6 +78,10 @@ class Paths:
         for file in [path, *path.parent.glob(f"{path.stem}.rank*{path.suffix}")]:
             file.unlink(missing_ok=True)
 
+    def trunks(self) -> Path:
+        """The trunk cache (medkd.trunks): content-addressed, shared by every stage and run."""
+        return self.state() / "trunks"
+
     def optuna_storage(self) -> Path:
         return self.state() / "optuna" / "studies.db"
 

@@ -13,8 +13,9 @@ from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data, seed_summary
-from medkd.stages.schema import student_configs, student_runs
-from medkd.train import distill_student
+from medkd.stages.runs import student_runs
+from medkd.stages.schema import student_configs
+from medkd.train import Distillation, TeacherSource, distill_student
 
 
 def distill_stage(params: Mapping, student: str, root: Path | None = None) -> dict:
@@ -30,15 +31,17 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
         reset_dir(report_dir)
     barrier()
     runs = student_runs(params, student)
+    # The teacher stage's cache: read, never rewritten here (it is that stage's output).
+    teacher = TeacherSource(paths.teacher_checkpoint(dataset), cache_path=paths.teacher_cache(dataset),
+                            rebuild_stale=False)
     results, histories, headline = {}, {}, {}
     for number, run in enumerate(runs, 1):
         model_cfg, loss_cfg, cfg = student_configs(params, student, run.variant, seed=run.seed)
         print(f"--- run {number}/{len(runs)}: {student}, variant {run.variant!r}, seed {run.seed}")
-        result = distill_student(
-            data, paths.teacher_checkpoint(dataset), model_cfg, loss_cfg, cfg, report_dir / run.name,
-            cache_path=paths.teacher_cache(dataset), checkpoint_path=paths.student_checkpoint(student, run.name),
-            rebuild_stale_cache=False, resume_path=paths.resume(f"distill-{student}-{run.slug}"),
-        )
+        result = distill_student(data, Distillation(
+            model_cfg, loss_cfg, cfg, report_dir / run.name, teacher,
+            checkpoint_path=paths.student_checkpoint(student, run.name),
+            resume_path=paths.resume(f"distill-{student}-{run.slug}"), trunk_dir=paths.trunks()))
         results[run] = result
         if not is_main():
             continue

@@ -5,19 +5,22 @@ teacher of its data set in the same stage (`export.paired_speedup`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from medkd import export
-from medkd.data import make_loader
+from medkd.config import ModelConfig
+from medkd.data import PreparedData, make_loader
 from medkd.files import reset_dir, write_json
-from medkd.models import ModelConfig, count_parameters
+from medkd.models import count_parameters
 from medkd.params import project_root
 from medkd.predict import Predictor, PredictError, load_predictor
 from medkd.stages.common import Paths, load_data
-from medkd.stages.schema import TEACHER_PREFIX, export_section, student_runs
+from medkd.stages.runs import TEACHER_PREFIX, student_runs
+from medkd.stages.schema import export_section
 from medkd.train import load_checkpoint
 
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
@@ -36,76 +39,109 @@ def deployed_checkpoint(params: Mapping, paths: Paths, model: str) -> tuple[Path
 
 
 def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
+    """Export one model (a teacher, or a student's run of `export.variant`) and measure what a user of
+    the export gets: parity with PyTorch, test F1, latency and throughput, int8, the speed-up over its teacher."""
     root = root or project_root()
     paths = Paths(root)
     section = export_section(params)
+    trained = _trained_model(params, paths, model, root)
+    data, classifier, tokenizer = trained.data, trained.classifier, trained.tokenizer
+    teacher = None if trained.run == "teacher" else exported_teacher(paths, trained.dataset, data.config)
+    test = data.dataset("test", {export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
+    batches = list(make_loader(test, section.throughput_batch, shuffle=False))
+    singles = list(make_loader(test, 1, shuffle=False))
+    example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{export.ROLE}"],
+               "attention_mask": batches[0][f"attention_mask_{export.ROLE}"]}
+    folder = export.export_model(classifier, trained.model_cfg, tokenizer, example, data.vocab.tasks,
+                                 data.vocab.classes, data.config.image_size, data.config.max_length,
+                                 paths.export_model(model), int8=section.int8, mask_terms=data.config.mask_terms)
+    timing = dict(runs=section.latency_runs, warmup=section.warmup)
+    sessions = {t: export.session(folder / export.FP32, t) for t in section.threads}
+    eager = export.score(lambda b: export.eager_logits(classifier, b), test)
+    fp32 = export.score(_ort(sessions[max(section.threads)]), test)
+    traced = export.export_form(classifier)
+    parity = export.check_parity(export.score(lambda b: export.eager_logits(traced, b), test), fp32,
+                                 section.parity_tolerance, trained=eager)
+    result = {
+        "model": model, "run": trained.run, "checkpoint": str(trained.checkpoint.relative_to(root)),
+        "backbones": f"{trained.model_cfg.vision} + {trained.model_cfg.text}",
+        "parameters": count_parameters(classifier), "n_test": len(test), "parity": parity,
+        "fp32": {"mb": export.file_mb(folder / export.FP32), "avg_f1": round(fp32.avg_f1(), 4),
+                 **{f"latency_{t}_thread{'s' if t > 1 else ''}": export.latency(_ort(sessions[t]), singles, **timing)
+                    for t in section.threads},
+                 f"throughput_batch{section.throughput_batch}_per_s": export.throughput(
+                     _ort(sessions[max(section.threads)]), batches)},
+        "eager_avg_f1": round(eager.avg_f1(), 4),
+    }
+    if teacher is not None:
+        result["speedup_vs_teacher"] = _speedup_over_teacher(folder, sessions, teacher, trained.dataset, singles,
+                                                             timing)
+    result["torch_eager"] = {"latency_1_thread": _eager_latency_one_thread(classifier, singles, timing)}
+    if section.int8:
+        result["int8"] = _int8_measurements(folder, test, singles, timing, result["fp32"]["avg_f1"])
+    report_dir = reset_dir(paths.export_report(model))
+    write_json(report_dir / "deployment.json", result)
+    write_json(paths.metrics(f"export-{model}"), lean_metrics(result))
+    return {"result": result, "folder": folder}
+
+
+@dataclass
+class _Trained:
+    """The checkpoint an export stage ships, read as it was trained."""
+
+    checkpoint: Path
+    dataset: str
+    run: str  # "teacher" or the student's run name
+    data: PreparedData
+    classifier: torch.nn.Module
+    model_cfg: ModelConfig
+    tokenizer: object
+
+
+def _trained_model(params: Mapping, paths: Paths, model: str, root: Path) -> _Trained:
     checkpoint, dataset, run = deployed_checkpoint(params, paths, model)
     data = load_data(params, dataset, root)
     classifier, payload = load_checkpoint(checkpoint)
-    classifier = classifier.float().eval()
     changed = changed_data_setting(payload["data"], data.config)  # the test split is read as the model was trained
     if changed:
         key, trained, now = changed
         raise export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
                                  f"params.yaml now says {now!r}: re-run its training stage first")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
-    tokenizer = model_cfg.tokenizer()
-    teacher = None if run == "teacher" else exported_teacher(paths, dataset, data.config)
-    test = data.dataset("test", {export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
-    batches = list(make_loader(test, section.throughput_batch, shuffle=False))
-    singles = list(make_loader(test, 1, shuffle=False))
-    example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{export.ROLE}"],
-               "attention_mask": batches[0][f"attention_mask_{export.ROLE}"]}
-    folder = export.export_model(classifier, model_cfg, tokenizer, example, data.vocab.tasks, data.vocab.classes,
-                                 data.config.image_size, data.config.max_length, paths.export_model(model),
-                                 int8=section.int8, mask_terms=data.config.mask_terms)
+    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, model_cfg.tokenizer())
 
-    def ort(session):
-        return lambda batch: session.run(None, export.onnx_inputs(batch))
 
-    sessions = {t: export.session(folder / export.FP32, t) for t in section.threads}
-    eager = export.score(lambda b: export.eager_logits(classifier, b), test)
-    traced = export.export_form(classifier)
-    fp32 = export.score(ort(sessions[max(section.threads)]), test)
-    parity = export.check_parity(export.score(lambda b: export.eager_logits(traced, b), test), fp32,
-                                 section.parity_tolerance, trained=eager)
-    timing = dict(runs=section.latency_runs, warmup=section.warmup)
-    result = {
-        "model": model, "run": run, "checkpoint": str(checkpoint.relative_to(root)),
-        "backbones": f"{model_cfg.vision} + {model_cfg.text}", "parameters": count_parameters(classifier),
-        "n_test": len(test), "parity": parity,
-        "fp32": {"mb": export.file_mb(folder / export.FP32), "avg_f1": round(fp32.avg_f1(), 4),
-                 **{f"latency_{t}_thread{'s' if t > 1 else ''}": export.latency(ort(sessions[t]), singles, **timing)
-                    for t in section.threads},
-                 f"throughput_batch{section.throughput_batch}_per_s": export.throughput(
-                     ort(sessions[max(section.threads)]), batches)},
-        "eager_avg_f1": round(eager.avg_f1(), 4),
-    }
-    if teacher is not None:  # on one thread, like the teacher, whatever `export.threads` lists
-        single_thread = sessions.get(1) or export.session(folder / export.FP32, 1)
+def _ort(session):
+    return lambda batch: session.run(None, export.onnx_inputs(batch))
 
-        def run_teacher(batch):
-            return teacher.logits(*export.onnx_inputs(batch, TEACHER_ROLE).values())
 
-        result["speedup_vs_teacher"] = {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1,
-                                        **export.paired_speedup(ort(single_thread), run_teacher, singles, **timing)}
+def _speedup_over_teacher(folder: Path, sessions: Mapping, teacher: Predictor, dataset: str, singles, timing) -> dict:
+    """The student's paired speed-up over its teacher's export, both on one thread (whatever
+    `export.threads` lists), timed alternately on the same test samples."""
+    single_thread = sessions.get(1) or export.session(folder / export.FP32, 1)
+
+    def run_teacher(batch):
+        return teacher.logits(*export.onnx_inputs(batch, TEACHER_ROLE).values())
+
+    return {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1,
+            **export.paired_speedup(_ort(single_thread), run_teacher, singles, **timing)}
+
+
+def _eager_latency_one_thread(classifier: torch.nn.Module, singles, timing) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result["torch_eager"] = {"latency_1_thread": export.latency(
-            lambda b: export.eager_logits(classifier, b), singles, **timing)}
+        return export.latency(lambda b: export.eager_logits(classifier, b), singles, **timing)
     finally:
         torch.set_num_threads(threads)
-    if section.int8:
-        int8 = export.session(folder / export.INT8, 1)
-        result["int8"] = {"mb": export.file_mb(folder / export.INT8),
-                          "avg_f1": round(export.score(ort(int8), test).avg_f1(), 4),
-                          "latency_1_thread": export.latency(ort(int8), singles, **timing)}
-        result["int8"]["avg_f1_change"] = round(result["int8"]["avg_f1"] - result["fp32"]["avg_f1"], 4)
-    report_dir = reset_dir(paths.export_report(model))
-    write_json(report_dir / "deployment.json", result)
-    write_json(paths.metrics(f"export-{model}"), lean_metrics(result))
-    return {"result": result, "folder": folder}
+
+
+def _int8_measurements(folder: Path, test, singles, timing, fp32_avg_f1: float) -> dict:
+    int8 = export.session(folder / export.INT8, 1)
+    result = {"mb": export.file_mb(folder / export.INT8), "avg_f1": round(export.score(_ort(int8), test).avg_f1(), 4),
+              "latency_1_thread": export.latency(_ort(int8), singles, **timing)}
+    result["avg_f1_change"] = round(result["avg_f1"] - fp32_avg_f1, 4)
+    return result
 
 
 def exported_teacher(paths: Paths, dataset: str, data_config) -> Predictor:

@@ -7,11 +7,11 @@ from typing import Mapping
 
 import pandas as pd
 
-from medkd import report
 from medkd.data import verify_files
 from medkd.datasets import SPLITS
 from medkd.files import replace_dir, write_json, write_text
 from medkd.params import project_root
+from medkd.report import data as data_report
 from medkd.stages.common import Paths, load_data
 
 
@@ -22,7 +22,7 @@ def prepare_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
     data = load_data(params, dataset, root)
     hashes = verify_files(data.records)
     tasks = data.vocab.tasks
-    balance, text_stats = report.class_balance(data), report.text_statistics(data)
+    balance, text_stats = data_report.class_balance(data), data_report.text_statistics(data)
     summary = {"dataset": dataset, "title": data.config.spec.title,
                "sizes": {s: len(data.records[s]) for s in SPLITS},
                "classes": {t: list(c) for t, c in zip(tasks, data.vocab.classes)},
@@ -37,9 +37,9 @@ def prepare_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
         write_json(folder / "vocab.json", data.vocab.to_dict())
         balance.to_csv(folder / "class_balance.csv")
         text_stats.to_csv(folder / "text_statistics.csv")
-        report.plot_class_balance(balance, folder / "class_balance.png")
-        report.plot_examples(data, folder / "examples.png")
-        write_text(folder / "data_report.md", report.data_report_markdown(summary, balance, text_stats))
+        data_report.plot_class_balance(balance, folder / "class_balance.png")
+        data_report.plot_examples(data, folder / "examples.png")
+        write_text(folder / "data_report.md", data_report.data_report_markdown(summary, balance, text_stats))
 
     out = Paths(root).data_report(dataset)
     replace_dir(out, write)

@@ -9,13 +9,13 @@ from typing import Mapping
 
 import pandas as pd
 
-from medkd import report
 from medkd.files import atomic_write, reset_dir, write_text
 from medkd.metrics import load_run
 from medkd.params import project_root
+from medkd.report import figures, page, tables
 from medkd.stages.common import Paths
-from medkd.stages.schema import (data_config, export_section, exported_models, primary_student, student_runs,
-                                 variant_bases)
+from medkd.stages.runs import exported_models, primary_student, student_runs, variant_bases
+from medkd.stages.schema import data_config, export_section
 
 
 def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
@@ -34,7 +34,7 @@ def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
     best_seeds = sorted(int(d.name.removeprefix("seed-")) for d in (paths.optuna_report() / "best").glob("seed-*"))
     for seed in best_seeds:
         spec = params["students"][student]
-        rows.append(_row(spec["dataset"], student, report.OPTUNA_BEST, seed,
+        rows.append(_row(spec["dataset"], student, tables.OPTUNA_BEST, seed,
                          load_run(paths.optuna_report() / "best" / f"seed-{seed}"), spec))
     return pd.DataFrame(rows)
 
@@ -101,41 +101,41 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     optuna_metrics = json.loads(optuna_file.read_text()) if optuna_file.exists() else None
     seed = params.get("seed", 42)
     bases = variant_bases(params)
-    hyper = report.hyperparameter_table(params, best)
-    tables, intervals, ablations = {}, {}, {}
+    hyper = tables.hyperparameter_table(params, best)
+    study_tables, intervals, ablations = {}, {}, {}
     for dataset in runs.dataset.unique():
-        intervals[dataset] = report.interval_table(runs, dataset, seed=seed, bases=bases)
+        intervals[dataset] = tables.interval_table(runs, dataset, seed=seed, bases=bases)
         atomic_write(out / f"intervals_{dataset}.csv", lambda p, t=intervals[dataset]: t.to_csv(p, index=False))
-        tables[dataset] = report.study_table(runs, dataset, intervals[dataset])
-        atomic_write(out / f"table_{dataset}.csv", lambda p, t=tables[dataset]: t.to_csv(p, index=False))
-        ablations[dataset] = report.ablation_table(intervals[dataset], bases)
-    masking = report.masking_table(runs, masked_pairs(params), seed=seed)
+        study_tables[dataset] = tables.study_table(runs, dataset, intervals[dataset])
+        atomic_write(out / f"table_{dataset}.csv", lambda p, t=study_tables[dataset]: t.to_csv(p, index=False))
+        ablations[dataset] = tables.ablation_table(intervals[dataset], bases)
+    masking = tables.masking_table(runs, masked_pairs(params), seed=seed)
     if len(masking):
         atomic_write(out / "masking.csv", lambda p: masking.to_csv(p, index=False))
-    all_runs = report.all_runs_table(runs)
+    all_runs = tables.all_runs_table(runs)
     atomic_write(out / "all_runs.csv", lambda p: all_runs.to_csv(p, index=False))
     atomic_write(out / "hyperparameters.csv", lambda p: hyper.to_csv(p, index=False))
-    per_class = report.per_class_table(runs)
+    per_class = tables.per_class_table(runs)
     atomic_write(out / "per_class.csv", lambda p: per_class.to_csv(p, index=False))
     probes = loss_term_probes(params, paths)
-    drivers = report.loss_driver_summary(probes) if probes else None
+    drivers = tables.loss_driver_summary(probes) if probes else None
     if probes:
-        report.plot_loss_drivers(probes, out / "loss_drivers.png")
+        figures.plot_loss_drivers(probes, out / "loss_drivers.png")
         atomic_write(out / "loss_drivers.csv", lambda p: drivers.to_csv(p, index=False))
     deployments = read_deployments(params, paths)
-    deployment = report.deployment_table(deployments) if deployments else None
+    deployment = tables.deployment_table(deployments) if deployments else None
     section = export_section(params)
-    goals = report.deployment_goals(deployments, section.speedup_goal, section.int8_max_f1_drop) if deployments else []
+    goals = tables.deployment_goals(deployments, section.speedup_goal, section.int8_max_f1_drop) if deployments else []
     if deployments:
         atomic_write(out / "deployment.csv", lambda p: deployment.to_csv(p, index=False))
-        report.plot_latency_vs_f1(deployments, out / "latency_vs_f1.png")
-    report.plot_f1_per_model(runs, out / "f1_per_model.png")
-    report.plot_per_class_f1(per_class, out / "per_class_f1.png")
-    report.plot_params_vs_f1(runs, out / "params_vs_f1.png")
-    report.plot_confusions(runs, out / "confusion_matrices.png")
-    report.plot_training_curves(runs, out / "training_curves.png")
-    write_text(out / "results.md", report.results_markdown(runs, params, hyper, optuna_metrics, intervals,
-                                                           ablations, masking, drivers, deployment, goals))
-    return {"runs": runs, "tables": tables, "intervals": intervals, "ablations": ablations, "masking": masking,
+        figures.plot_latency_vs_f1(deployments, out / "latency_vs_f1.png")
+    figures.plot_f1_per_model(runs, out / "f1_per_model.png")
+    figures.plot_per_class_f1(per_class, out / "per_class_f1.png")
+    figures.plot_params_vs_f1(runs, out / "params_vs_f1.png")
+    figures.plot_confusions(runs, out / "confusion_matrices.png")
+    figures.plot_training_curves(runs, out / "training_curves.png")
+    write_text(out / "results.md", page.results_markdown(page.StudyReport(
+        runs, hyper, optuna_metrics, intervals, ablations, masking, drivers, deployment, goals)))
+    return {"runs": runs, "tables": study_tables, "intervals": intervals, "ablations": ablations, "masking": masking,
             "drivers": drivers, "deployment": deployment, "goals": goals, "hyper": hyper,
             "out": out}

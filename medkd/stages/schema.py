@@ -24,16 +24,14 @@ from typing import Annotated, Any, Literal, Mapping, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medkd.config import did_you_mean
-from medkd.data import DataConfig
-from medkd.losses import TERMS, LossConfig
-from medkd.models import ModelConfig
+from medkd.config import LOSS_TERMS, DataConfig, LossConfig, ModelConfig, TrainConfig, did_you_mean
 from medkd.params import with_values
-from medkd.train import TrainConfig
+from medkd.stages.runs import REQUIRED_VARIANTS, SHARED_DISTILL_KEYS, VARIANT_KEYS, primary_student, variants
 
 # The hyperparameter sets each student is trained with (sections of `distill:` in params.yaml).
-REQUIRED_VARIANTS = ("tuned", "baseline")  # the study's two; any further `distill.<name>` entry is a variant too
 SECTION_CONFIGS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
+# Keys that params.yaml once had: what to write instead.
+RENAMED_KEYS = {"bf16": "no longer a key: runtime.precision (fp32 | bf16 | auto) replaced runtime.bf16"}
 
 
 class Problem(NamedTuple):
@@ -90,84 +88,21 @@ class DistillSection(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     pretrained: bool = True
+    model: Sub = {}  # model keys every variant starts from (e.g. vision_train_blocks)
     train: Sub = {}
     tuned: VariantSection
     baseline: VariantSection
 
 
-def variants(params: Mapping) -> list[str]:
-    """Every variant each student is trained with: `tuned`, `baseline`, then the further entries of
-    `distill:` in their order."""
-    distill = params.get("distill") or {}
-    shared = set(DistillSection.model_fields) - set(REQUIRED_VARIANTS)
-    return [*REQUIRED_VARIANTS, *(k for k in distill if k not in shared and k not in REQUIRED_VARIANTS)]
-
-
-VARIANT_KEYS = ("base", "students", "seeds")  # a variant's own keys besides its model/loss/train sections
-
-
-class Run(NamedTuple):
-    """One student training run: a variant's hyperparameters with one seed."""
-
-    variant: str
-    seed: int
-
-    @property
-    def name(self) -> str:  # its folder: reports/students/<student>/<variant>/seed-<seed>
-        return f"{self.variant}/seed-{self.seed}"
-
-    @property
-    def slug(self) -> str:  # one file name: resume state, DVC plot
-        return f"{self.variant}-seed{self.seed}"
-
-
-def variant_bases(params: Mapping) -> dict[str, str | None]:
-    """{variant: the variant it starts from (`base:`), or None}: what an ablation is compared with."""
-    return {name: (params["distill"][name] or {}).get("base") for name in variants(params)}
-
-
-TEACHER_PREFIX = "teacher-"  # export stage models: "teacher-<dataset>" or a student's name
-
-
-def exported_models(params: Mapping) -> list[str]:
-    """The models the export stages of `params` write (`export-teacher@<dataset>`, `export@<student>`):
-    each teacher as "teacher-<dataset>", then each student."""
-    return [f"{TEACHER_PREFIX}{dataset}" for dataset in params.get("teachers", {})] + list(params.get("students", {}))
-
-
-def primary_student(params: Mapping) -> str | None:
-    """The study's primary student: the one Optuna tunes (its comparisons run over several seeds)."""
-    optuna = params.get("optuna")
-    return optuna.get("student") if isinstance(optuna, Mapping) else None
-
-
-def seed_lists(params: Mapping) -> tuple[list[int], list[int]]:
-    """(default seeds, primary seeds) from `seeds:`, defaulting to [seed]."""
-    section = SeedsSection.model_validate(params.get("seeds") or {})
-    default = section.default or [params.get("seed", 42)]
-    return list(default), list(section.primary or default)
-
-
-def student_runs(params: Mapping, student: str) -> list[Run]:
-    """Every run of one student: each variant it takes (`students: all`, or `primary` for the
-    primary student only) with its seeds (`seeds: primary` on the primary student: `seeds.primary`)."""
-    default, primary = seed_lists(params)
-    is_primary = student == primary_student(params)
-    runs = []
-    for variant in variants(params):
-        section = params["distill"][variant] or {}
-        if section.get("students", "all") == "primary" and not is_primary:
-            continue
-        seeds = primary if is_primary and section.get("seeds", "default") == "primary" else default
-        runs.extend(Run(variant, seed) for seed in seeds)
-    return runs
+# The keys of `distill:` that are not variants (medkd.stages.runs enumerates the variants by them).
+assert set(DistillSection.model_fields) == {*REQUIRED_VARIANTS, *SHARED_DISTILL_KEYS}
 
 
 def _variant_problems(distill: Mapping) -> list[Problem]:
     """The further variants' own keys (the skeleton lets them through) and their `base:` references."""
     problems = []
     names = variants({"distill": distill})
-    shared = sorted(set(DistillSection.model_fields) - set(REQUIRED_VARIANTS))
+    shared = sorted(SHARED_DISTILL_KEYS)
     for name in names[len(REQUIRED_VARIANTS):]:
         if not isinstance(distill[name], Mapping):
             problems.append(Problem(f"distill.{name}", f"unknown key{did_you_mean(name, shared)}; expected one of: "
@@ -261,6 +196,7 @@ class ExportSection(_Section):
 
 
 class ParamsFile(_Section):
+    preset: str = "default"  # which preset made these params (configs/*.yaml set theirs); `dvc exp show` lists it
     seed: int = 42
     seeds: SeedsSection = SeedsSection()
     export: ExportSection = ExportSection()
@@ -307,6 +243,8 @@ def _known_keys(model: type, loc: tuple) -> list[str]:
 def _message(error: Mapping, known: list[str]) -> str:
     kind, key = error["type"], (error["loc"][-1] if error["loc"] else "")
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        if key in RENAMED_KEYS:
+            return RENAMED_KEYS[key]
         return f"unknown key{did_you_mean(key, known)}; expected one of: {', '.join(known)}"
     if kind in ("missing", "missing_argument"):
         return "required key is missing"
@@ -414,6 +352,7 @@ def student_configs(params: Mapping, student: str, variant: str, overrides: Mapp
     for name, build in (
         ("model", lambda: _build(ModelConfig, [(f"students.{student}", student_keys),
                                                ("distill", {"pretrained": distill.get("pretrained", True)}),
+                                               ("distill.model", distill.get("model")),
                                                *layers("model")], home=f"students.{student}")),
         ("loss", lambda: _build(LossConfig, layers("loss"))),
         ("train", lambda: train_config(params, ("distill.train", distill.get("train")), *layers("train"),
@@ -558,9 +497,9 @@ def _optuna_problems(params: Mapping, section: Mapping, students: Mapping, teach
             problems.append(Problem(where, f"{'.'.join(rest)!r} is not a {head} setting{did_you_mean(rest[0], known)}; "
                                            f"expected one of: {', '.join(known)}"))
             continue
-        if rest[0] == "weights" and rest[1] not in TERMS:
-            problems.append(Problem(where, f"unknown loss term {rest[1]!r}{did_you_mean(rest[1], TERMS)}; "
-                                           f"terms: {', '.join(TERMS)}"))
+        if rest[0] == "weights" and rest[1] not in LOSS_TERMS:
+            problems.append(Problem(where, f"unknown loss term {rest[1]!r}{did_you_mean(rest[1], LOSS_TERMS)}; "
+                                           f"terms: {', '.join(LOSS_TERMS)}"))
             continue
         try:
             leaf = SearchLeaf.model_validate(raw)

@@ -27,10 +27,11 @@ def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
         reset_dir(report_dir)
     barrier()
     result = train_teacher(data, model_cfg, cfg, report_dir, checkpoint_path=paths.teacher_checkpoint(dataset),
-                           resume_path=paths.resume(f"teacher-{dataset}"))
+                           resume_path=paths.resume(f"teacher-{dataset}"), trunk_dir=paths.trunks())
     if not is_main():
         return {"result": result}
-    load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset), all_ranks=False)
+    load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset), all_ranks=False,
+                                trunk_dir=paths.trunks())
     paths.clear_resume(f"teacher-{dataset}")  # the stage is done: nothing left to resume
     metrics = json.loads((report_dir / "metrics.json").read_text())
     write_json(paths.metrics(f"teacher-{dataset}"), headline_metrics(metrics))

@@ -28,16 +28,15 @@ from typing import Iterator, Mapping
 
 import optuna
 
-from medkd import report
 from medkd.data import PreparedData
 from medkd.files import reset_dir, sha256_file, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
+from medkd.report import figures, tables
 from medkd.stages.common import Paths, load_data, seed_summary
-from medkd.stages.schema import (
-    OptunaSection, ParamsError, Run, flatten_search_space, optuna_section, seed_lists, student_configs,
-)
-from medkd.train import distill_student, load_or_build_teacher_cache, resume_key
+from medkd.stages.runs import Run, seed_lists
+from medkd.stages.schema import OptunaSection, ParamsError, flatten_search_space, optuna_section, student_configs
+from medkd.train import Distillation, TeacherSource, distill_student, load_or_build_teacher_cache, resume_key
 
 JOURNAL_PREFIX = "journal:"
 # Heartbeats on database storages: a trial whose worker died is marked failed after the grace
@@ -164,7 +163,8 @@ class Search:
         # depend on, so trials of another teacher, data or search space are never mixed in.
         fingerprint = resume_key(section.model_dump(exclude={"n_trials", "storage", "retrain_best", "workers"}),
                                  params["students"][student],
-                                 {k: v for k, v in params["distill"].items() if k in ("pretrained", "train", "tuned")},
+                                 {k: v for k, v in params["distill"].items()
+                                  if k in ("pretrained", "model", "train", "tuned")},
                                  params.get("seed"),
                                  params.get("runtime"), data.content_key("train"),
                                  sha256_file(paths.teacher_checkpoint(dataset)))
@@ -196,7 +196,8 @@ class Search:
         """The teacher's cached outputs, read once for all of this process's trials and the retrain."""
         _, _, base_cfg = student_configs(self.params, self.student, "tuned")
         return load_or_build_teacher_cache(self.paths.teacher_checkpoint(self.dataset), self.data, base_cfg,
-                                           self.paths.teacher_cache(self.dataset), rebuild_stale=False)
+                                           self.paths.teacher_cache(self.dataset), rebuild_stale=False,
+                                           trunk_dir=self.paths.trunks())
 
 
 def counted_trials(study: optuna.Study) -> int:
@@ -234,8 +235,9 @@ def run_worker(search: Search, worker: int = 0, shared: bool = False, reserve: b
 
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                result = distill_student(search.data, checkpoint, model_cfg, loss_cfg, cfg, Path(tmp),
-                                         teacher_cache=cache, report_epoch=report_epoch, evaluate_test=False)
+                result = distill_student(search.data, Distillation(
+                    model_cfg, loss_cfg, cfg, Path(tmp), TeacherSource(checkpoint, outputs=cache),
+                    trunk_dir=search.paths.trunks(), evaluate_test=False, report_epoch=report_epoch))
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as err:
@@ -301,7 +303,7 @@ def collect(search: Search, study: optuna.Study) -> dict:
                                           "dev_avg_f1": best.value, "params": best.params})
     write_json(paths.optuna_models() / "study.json", {"study": search.study_name, "storage": search.storage_url,
                                                       "n_trials": len(study.trials)})
-    report.plot_optuna(study, out, n_startup_trials=section.n_startup_trials)
+    figures.plot_optuna(study, out, n_startup_trials=section.n_startup_trials)
     result_metrics = {"best_dev_avg_f1": round(best.value, 4), "n_trials": len(study.trials),
                       "n_complete": sum(t.state == states.COMPLETE for t in study.trials),
                       "n_pruned": sum(t.state == states.PRUNED for t in study.trials),
@@ -309,16 +311,16 @@ def collect(search: Search, study: optuna.Study) -> dict:
     if section.retrain_best:  # on the primary comparison's seeds: compared with `tuned` seed for seed
         headline = {}
         for seed in seed_lists(search.params)[1]:
-            run = Run(report.OPTUNA_BEST, seed)
+            run = Run(tables.OPTUNA_BEST, seed)
             model_cfg, loss_cfg, cfg = student_configs(search.params, search.student, "tuned", best.params, seed=seed)
             print(f"--- retraining the best trial ({best.number}) with seed {seed}")
             run_dir = out / "best" / f"seed-{seed}"
-            distill_student(search.data, paths.teacher_checkpoint(search.dataset), model_cfg, loss_cfg, cfg,
-                            run_dir, teacher_cache=search.teacher_cache,
-                            checkpoint_path=paths.optuna_models() / f"best-seed{seed}.pt",
-                            resume_path=paths.resume(run.slug))
+            teacher = TeacherSource(paths.teacher_checkpoint(search.dataset), outputs=search.teacher_cache)
+            distill_student(search.data, Distillation(
+                model_cfg, loss_cfg, cfg, run_dir, teacher, checkpoint_path=paths.optuna_models() / f"best-seed{seed}.pt",
+                resume_path=paths.resume(run.slug), trunk_dir=paths.trunks()))
             paths.clear_resume(run.slug)
             headline[run] = headline_metrics(json.loads((run_dir / "metrics.json").read_text()))
-        result_metrics["best_retrained"] = seed_summary(headline)[report.OPTUNA_BEST]
+        result_metrics["best_retrained"] = seed_summary(headline)[tables.OPTUNA_BEST]
     write_json(paths.metrics("optuna"), result_metrics)
     return {"study": study, "trials": trials, "best": best, "metrics": result_metrics}
