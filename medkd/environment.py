@@ -50,6 +50,12 @@ def cpu_features() -> set[str]:
     return set()
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI int8 dot products (x86 AVX512-VNNI or AVX-VNNI): ONNX Runtime's int8
+    kernels take another path without them (recorded with every int8 export)."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_features())
+
+
 def bf16_is_native(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware (a CUDA GPU that supports it, or see cpu_runs_bf16_natively)."""
     if device.type == "cuda":

@@ -86,8 +86,10 @@ def paired_intervals(frames: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]]
     """Average macro-F1 of each model and of each difference `a − b`, with paired bootstrap intervals.
 
     A model given several prediction frames (one per training seed) is scored by the mean of its
-    seeds' F1 on each resample: the interval then covers the test images drawn, for the seed-averaged
-    model (the spread over seeds is reported beside it, as a standard deviation).
+    seeds' F1. Each resample draws the test images (the same draw for every model: paired) and, for
+    each model, its seeds with replacement (independently per model): the interval covers both
+    which images were tested and which seeds were trained, so a verdict does not rest on one lucky
+    seed. A model with one seed has no seed spread to draw from: its interval covers the images only.
     One row per model, then one per difference: `name`, `estimate`, `low`, `high`, `seeds`, and for
     differences `detectable` (the interval excludes 0).
     """
@@ -95,12 +97,16 @@ def paired_intervals(frames: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]]
     n = len(next(iter(runs.values()))[0])
     weights = resample_weights(n, n_resamples, seed)
     full = np.ones((1, n))
+    seed_draws = np.random.default_rng(seed + 1)
 
-    def seed_mean(seeds: list[pd.DataFrame], w: np.ndarray) -> np.ndarray:
-        return np.mean([avg_f1_resampled(frame, tasks, w) for frame in seeds], axis=0)
+    def seed_resampled(seeds: list[pd.DataFrame]) -> np.ndarray:
+        per_seed = np.stack([avg_f1_resampled(frame, tasks, weights) for frame in seeds])  # (S, R)
+        drawn = seed_draws.integers(0, len(seeds), size=(len(seeds), weights.shape[0]))  # (S, R) seed indices
+        return np.take_along_axis(per_seed, drawn, axis=0).mean(axis=0)
 
-    samples = {name: seed_mean(seeds, weights) for name, seeds in runs.items()}
-    estimates = {name: float(seed_mean(seeds, full)[0]) for name, seeds in runs.items()}
+    samples = {name: seed_resampled(seeds) for name, seeds in runs.items()}
+    estimates = {name: float(np.mean([avg_f1_resampled(frame, tasks, full)[0] for frame in seeds]))
+                 for name, seeds in runs.items()}
     rows = [{"name": name, "kind": "model", "seeds": len(runs[name]),
              **vars(percentile_interval(estimates[name], samples[name], level))} for name in runs]
     for a, b in differences:

@@ -300,6 +300,9 @@ def test_export_stage_measures_the_teacher_and_refuses_changed_data_settings(pro
     assert result["int8"]["avg_f1_change"] == pytest.approx(result["int8"]["avg_f1"] - result["fp32"]["avg_f1"],
                                                             abs=1e-4)
     assert result["torch_eager"]["latency_1_thread"]["runs"] == 5
+    # The export scores what the teacher stage's own fp32 evaluation scored; the CPU's VNNI is on record.
+    assert result["study"]["checked"] and abs(result["study"]["difference"]) <= 0.005
+    assert isinstance(result["cpu_vnni"], bool) and "selection" not in result
     lean = json.loads((root / "reports" / "metrics" / "export-teacher-medpix.json").read_text())
     assert lean["fp32_avg_f1"] == result["fp32"]["avg_f1"] and "int8_p50_ms_1_thread" in lean
     assert (root / "models" / "export" / "teacher-medpix" / "model.onnx").exists()
@@ -323,3 +326,32 @@ def test_export_form_computes_the_same_function_and_leaves_the_model_alone(train
     for key in ("logits_modality", "logits_location"):
         torch.testing.assert_close(rewritten[key], plain[key], atol=1e-5, rtol=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_shipped_run_is_the_best_variant_on_dev_then_its_best_seed():
+    from medkd.stages.export import pick_run
+    from medkd.stages.runs import Run
+
+    def m(dev, params=100):
+        return {"dev": {"avg_f1": dev}, "parameters": params, "test": {"avg_f1": 0.0}}
+
+    metrics = {Run("tuned", 42): m(0.80), Run("tuned", 43): m(0.84), Run("baseline", 42): m(0.81),
+               Run("no-kd", 42): m(0.85), Run("no-kd", 43): m(0.83)}
+    run, selection = pick_run(metrics)  # no-kd: mean 0.84 > tuned 0.82 > baseline 0.81; its better seed: 42
+    assert run == Run("no-kd", 42) and selection["variant"] == "no-kd"
+    assert selection["mean_dev_avg_f1"] == {"tuned": 0.82, "baseline": 0.81, "no-kd": 0.84}
+    # A tie on dev goes to the variant with fewer parameters, whatever the test set would say.
+    tie = {Run("tuned", 42): m(0.85, 300), Run("baseline", 42): m(0.85, 200)}
+    assert pick_run(tie)[0] == Run("baseline", 42)
+    assert pick_run({Run("tuned", 42): m(0.85, 200), Run("baseline", 42): m(0.85, 200)})[0] == Run("tuned", 42)
+
+
+def test_the_export_must_score_what_the_study_scored_for_an_fp32_run():
+    from medkd.stages.export import study_agreement
+    fp32 = {"test": {"avg_f1": 0.8000}, "environment": {"precision": "fp32"}}
+    assert study_agreement(0.8040, fp32) == {"study_test_avg_f1": 0.8, "difference": 0.004, "checked": True,
+                                             "tolerance": 0.005}
+    with pytest.raises(export.ExportError, match="0.8100.*0.8000.*more than 0.005"):
+        study_agreement(0.8100, fp32)
+    bf16 = {"test": {"avg_f1": 0.8000}, "environment": {"precision": "bf16 autocast"}}
+    assert study_agreement(0.8100, bf16)["checked"] is False  # a bf16 run's evaluation differs by design

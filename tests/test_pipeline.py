@@ -78,12 +78,18 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
                  "deployment.csv", "latency_vs_f1.png"):
         assert (root / "reports" / "results" / item).stat().st_size > 0, item
     results = (root / "reports" / "results" / "results.md").read_text()
-    for section in ("## Ablations: medpix", "## Caption masking", "## What drives the student", "## Deployment", "± "):
+    for section in ("## Ablations: medpix", "## Caption masking", "## What drives the student", "## Deployment", "± ",
+                    "## Does distillation help? (medpix)"):
         assert section in results, section
     # The primary student's comparison over seeds.primary, the others once; the search best retrained on them.
     all_runs = pd.read_csv(root / "reports" / "results" / "all_runs.csv")
     seeds = all_runs.groupby(["model", "variant"]).seed.apply(sorted)
     assert seeds[("tiny-a", "tuned")] == seeds[("tiny-a", "no-kd")] == seeds[("tiny-a", "optuna-best")] == [7, 42]
+    assert seeds[("tiny-a", "kl-only")] == [7, 42]  # Hinton KD on the primary comparison's seeds
+    claims = pd.read_csv(root / "reports" / "results" / "claims_medpix.csv")
+    assert claims["Compared"].tolist() == ["tiny-a kl-only − tiny-a no-kd", "tiny-a tuned − tiny-a no-kd",
+                                           "tiny-a optuna-best − tiny-a no-kd", "teacher − tiny-a no-kd"]
+    assert set(claims["Reading"]) <= {"too few seeds (fewer than 3 on an arm)"}  # two seeds here
     assert seeds[("tiny-b", "tuned")] == seeds[("tiny-a", "no-crd")] == [42]
     assert ("tiny-b", "no-crd") not in seeds.index
     # Every model exported with its preprocessing, and the export is what `medkd predict` runs.
@@ -92,7 +98,14 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
         assert {p.name for p in folder.iterdir()} == {"model.onnx", "model.int8.onnx", "preprocessing.json", "tokenizer"}
         deployment = json.loads((root / "reports" / "export" / model / "deployment.json").read_text())
         assert deployment["parity"]["predictions_identical"]
+        # The export scores what the study's own fp32 evaluation of the run scored.
+        assert deployment["study"]["checked"] and abs(deployment["study"]["difference"]) <= 0.005
         if model in params["students"]:  # timed against its data set's exported teacher, in its own stage
+            # The run a user would pick: the variant with the best mean dev F1, and that variant's best seed.
+            variant = max(deployment["selection"]["mean_dev_avg_f1"].items(), key=lambda kv: kv[1])[0]
+            assert deployment["run"].startswith(f"{deployment['selection']['variant']}/seed-")
+            assert deployment["selection"]["mean_dev_avg_f1"][deployment["selection"]["variant"]] == \
+                deployment["selection"]["mean_dev_avg_f1"][variant]
             paired = deployment["speedup_vs_teacher"]
             assert paired["teacher"] == f"teacher-{params['students'][model]['dataset']}"
             assert paired["ci95"][0] <= paired["speedup"] <= paired["ci95"][1]

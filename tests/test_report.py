@@ -310,3 +310,19 @@ def test_search_history_marks_pruned_trials_and_the_start_up(tmp_path):
     figures.plot_optuna(study, tmp_path, n_startup_trials=2)
     assert (tmp_path / "optimization_history.png").read_bytes().startswith(PNG)
     assert (tmp_path / "param_importances.png").read_bytes().startswith(PNG)
+
+
+def test_the_claims_table_asks_each_question_against_the_student_trained_alone():
+    rows = [
+        ("s kl-only − s no-kd", 0.02, -0.01, 0.05, 3), ("s tuned − s no-kd", -0.10, -0.14, -0.06, 3),
+        ("s optuna-best − s no-kd", 0.03, 0.01, 0.05, 2), ("s no-kd − teacher", 0.05, 0.02, 0.08, 1),
+    ]
+    intervals = pd.DataFrame([{"name": n, "kind": "difference", "estimate": e, "low": lo, "high": hi, "seeds": s,
+                               "reading": ""} for n, e, lo, hi, s in rows])
+    table = tables.claims_table(intervals, "s")
+    assert table["Compared"].tolist() == ["s kl-only − s no-kd", "s tuned − s no-kd", "s optuna-best − s no-kd",
+                                          "teacher − s no-kd"]
+    assert table["Reading"].tolist() == ["not detectable", "no: it hurts", "too few seeds (fewer than 3 on an arm)",
+                                         "too few seeds (fewer than 3 on an arm)"]
+    assert table.iloc[3]["Difference"] == "-0.050" and table.iloc[3]["95% interval"] == "[-0.080, -0.020]"  # negated
+    assert table.iloc[0]["95% interval"] == "[-0.010, +0.050]"

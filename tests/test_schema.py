@@ -189,11 +189,12 @@ def test_variants_are_the_entries_of_distill_and_start_from_their_base():
 
 def test_runs_expand_variants_by_their_students_and_seeds():
     from medkd.stages.runs import Run, student_runs
-    # tiny-a is optuna.student (the primary student): tuned and no-kd on seeds.primary, the
-    # ablations (students: primary) once; the other students take tuned, baseline, no-kd once.
+    # tiny-a is optuna.student (the primary student): tuned, no-kd and kl-only (Hinton KD) on seeds.primary,
+    # the other ablations (students: primary) once; the other students take tuned, baseline, no-kd once.
     assert student_runs(CI, "tiny-a") == [
         Run("tuned", 42), Run("tuned", 7), Run("baseline", 42), Run("no-kd", 42), Run("no-kd", 7),
-        *(Run(v, 42) for v in ("no-kl", "no-mse", "no-crd", "kl-only", "image-only", "text-only"))]
+        *(Run(v, 42) for v in ("no-kl", "no-mse", "no-crd")), Run("kl-only", 42), Run("kl-only", 7),
+        *(Run(v, 42) for v in ("image-only", "text-only"))]
     assert student_runs(CI, "tiny-c") == [Run("tuned", 42), Run("baseline", 42), Run("no-kd", 42)]
     assert Run("no-kd", 7).name == "no-kd/seed-7"
     # Each run trains with its own seed, everything else from its variant.

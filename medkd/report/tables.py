@@ -100,7 +100,7 @@ def study_table(runs: pd.DataFrame, dataset: str, intervals: pd.DataFrame | None
 def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples: int = N_RESAMPLES,
                    bases: Mapping[str, str | None] | None = None) -> pd.DataFrame:
     """Test avg macro-F1 of every model of `dataset` (seed-averaged) and the differences the study's
-    claims rest on, with paired bootstrap 95% intervals over the test images (`medkd.stats`):
+    claims rest on, with paired bootstrap 95% intervals over the test images and seeds (`medkd.stats`):
     each student − teacher, tuned − baseline, Optuna best − tuned, KD − no-KD, and each other
     variant − its `base:` (the ablations; `bases` from `medkd.stages.runs.variant_bases`)."""
     sub = runs[runs.dataset == dataset]
@@ -126,8 +126,11 @@ def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples:
                 add("tuned")
             if variant != NO_KD:
                 add(NO_KD)
-        elif (bases or {}).get(variant):
-            add(bases[variant])
+        else:
+            if (bases or {}).get(variant):
+                add(bases[variant])
+            if variant != NO_KD and (bases or {}).get(variant) != NO_KD:
+                add(NO_KD)  # every variant against the same student trained alone (the claims)
     table = paired_intervals(frames, [t1, t2], differences, n_resamples=n_resamples, seed=seed)
     table["reading"] = [("" if kind == "model" else "detectable" if detectable else "no detectable difference")
                         for kind, detectable in zip(table["kind"], table.get("detectable", [None] * len(table)))]
@@ -251,6 +254,44 @@ def loss_driver_summary(probes: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows).round(4)
 
 
+KL_ONLY = "kl-only"  # Hinton KD: CE + alpha KL at the study's T (params.yaml `distill.kl-only`)
+CLAIMS = (  # (claim, the student's variant or the teacher, against the same student trained alone)
+    ("Distillation (Hinton: CE + α·KL) helps the student", KL_ONLY),
+    ("The study's combined loss (CE + KL + MSE + CRD, its tuned weights) helps", "tuned"),
+    ("The searched loss weights help", OPTUNA_BEST),
+    ("The teacher is better than the student trained alone", "teacher"),
+)
+MIN_CLAIM_SEEDS = 3
+
+
+def claims_table(intervals: pd.DataFrame, student: str) -> pd.DataFrame:
+    """The study's questions about distillation, each as one paired comparison of the primary student
+    with the same student trained alone (no-KD, CE only), with its interval over test images and seeds.
+
+    A comparison with fewer than `MIN_CLAIM_SEEDS` seeds on either arm is shown but read as
+    "too few seeds": seed-to-seed variation can flip it between machines."""
+    rows = []
+    diffs = intervals[intervals.kind == "difference"].set_index("name")
+    control = run_label(student, NO_KD)
+    for claim, variant in CLAIMS:
+        arm = run_label(student, variant) if variant != "teacher" else "teacher"
+        if f"{arm} − {control}" in diffs.index:
+            r = diffs.loc[f"{arm} − {control}"]
+            estimate, low, high = r.estimate, r.low, r.high
+        elif f"{control} − {arm}" in diffs.index:  # stored the other way round: negate
+            r = diffs.loc[f"{control} − {arm}"]
+            estimate, low, high = -r.estimate, -r.high, -r.low
+        else:
+            continue
+        seeds = int(r.seeds)
+        reading = ("too few seeds (fewer than 3 on an arm)" if seeds < MIN_CLAIM_SEEDS
+                   else "yes" if low > 0 else "no: it hurts" if high < 0 else "not detectable")
+        rows.append({"Claim": claim, "Compared": f"{arm} − {control}", "Seeds (fewer arm)": seeds,
+                     "Difference": f"{estimate:+.3f}", "95% interval": f"[{low:+.3f}, {high:+.3f}]",
+                     "Reading": reading})
+    return pd.DataFrame(rows)
+
+
 def ablation_table(intervals: pd.DataFrame, bases: Mapping[str, str | None]) -> pd.DataFrame:
     """The ablations (variants compared with their `base:` rather than with the teacher): each one's
     avg F1 and its difference to the base with the interval."""
@@ -314,7 +355,8 @@ def deployment_table(deployments: Sequence[Mapping]) -> pd.DataFrame:
     for d in sorted(deployments, key=lambda d: (not d["model"].startswith("teacher-"), d["parameters"])):
         fp32, int8 = d["fp32"], d.get("int8")
         lat = fp32["latency_1_thread"]
-        row = {"Model": f"{d['model']} ({d['backbones']})", "Parameters": f"{d['parameters'] / 1e6:.2f}M",
+        row = {"Model": f"{d['model']} ({d['backbones']})", "Run": d.get("run", ""),
+               "Parameters": f"{d['parameters'] / 1e6:.2f}M",
                "MB fp32": f"{fp32['mb']:.1f}", "MB int8": f"{int8['mb']:.1f}" if int8 else "",
                "p50 / p95 ms (1 thread)": f"{lat['p50_ms']:.1f} / {lat['p95_ms']:.1f}",
                "int8 p50 ms": f"{int8['latency_1_thread']['p50_ms']:.1f}" if int8 else "",

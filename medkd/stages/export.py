@@ -5,6 +5,7 @@ teacher of its data set in the same stage (`export.paired_speedup`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -14,28 +15,80 @@ import torch
 from medkd import export
 from medkd.config import ModelConfig
 from medkd.data import PreparedData, make_loader
+from medkd.environment import cpu_has_vnni
 from medkd.files import reset_dir, write_json
 from medkd.models import count_parameters
 from medkd.params import project_root
 from medkd.predict import Predictor, PredictError, load_predictor
 from medkd.stages.common import Paths, load_data
-from medkd.stages.runs import TEACHER_PREFIX, student_runs
+from medkd.stages.runs import TEACHER_PREFIX, Run, student_runs
 from medkd.stages.schema import export_section
 from medkd.train import load_checkpoint
 
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
+BEST_VARIANT = "best"  # export.variant: each student's run a user would pick, chosen on dev (`pick_run`)
+STUDY_F1_TOLERANCE = 0.005  # exported fp32 test avg F1 vs the study's evaluation of the run
 DATA_SETTINGS = ("image_size", "max_length", "mask_terms")  # how a model reads the test split
 
 
-def deployed_checkpoint(params: Mapping, paths: Paths, model: str) -> tuple[Path, str, str]:
-    """(checkpoint, data set, what it is) of an export stage's model: a teacher, or a student's run of
-    `export.variant` with its first seed."""
+@dataclass(frozen=True)
+class Deployed:
+    """The run an export stage ships, and how it was picked."""
+
+    checkpoint: Path
+    dataset: str
+    run: str  # "teacher" or the student's run name, <variant>/seed-<s>
+    metrics: Path  # the study's own metrics of that run (its dev and test evaluation)
+    selection: Mapping | None = None  # a student's: the rule and every variant's mean dev avg F1
+
+
+def deployed_run(params: Mapping, paths: Paths, model: str) -> Deployed:
+    """The model an export stage ships: a teacher, or the student's run that `export.variant` picks
+    (`best`: by dev avg F1, see `pick_run`; a variant's name: that variant's first seed)."""
     if model.startswith(TEACHER_PREFIX) and model.removeprefix(TEACHER_PREFIX) in params.get("teachers", {}):
         dataset = model.removeprefix(TEACHER_PREFIX)
-        return paths.teacher_checkpoint(dataset), dataset, "teacher"
+        return Deployed(paths.teacher_checkpoint(dataset), dataset, "teacher",
+                        paths.teacher_report(dataset) / "metrics.json")
+    runs = student_runs(params, model)
     variant = export_section(params).variant
-    run = next(r for r in student_runs(params, model) if r.variant == variant)
-    return paths.student_checkpoint(model, run.name), params["students"][model]["dataset"], run.name
+    selection = None
+    if variant == BEST_VARIANT:
+        metrics = {run: json.loads((paths.student_report(model) / run.name / "metrics.json").read_text())
+                   for run in runs}
+        run, selection = pick_run(metrics)
+    else:
+        run = next(r for r in runs if r.variant == variant)
+    return Deployed(paths.student_checkpoint(model, run.name), params["students"][model]["dataset"], run.name,
+                    paths.student_report(model) / run.name / "metrics.json", selection)
+
+
+def pick_run(metrics: Mapping[Run, Mapping]) -> tuple[Run, dict]:
+    """What a user would ship, chosen on dev only: the variant with the highest mean dev avg F1 over
+    its seeds (a tie, to 1e-4, goes to the variant with fewer parameters, then to the earlier one),
+    and of that variant the seed with the highest dev avg F1 (ties: the first)."""
+    by_variant: dict[str, list[Run]] = {}
+    for run in metrics:
+        by_variant.setdefault(run.variant, []).append(run)
+    mean_dev = {v: sum(metrics[r]["dev"]["avg_f1"] for r in rs) / len(rs) for v, rs in by_variant.items()}
+    size = {v: metrics[rs[0]]["parameters"] for v, rs in by_variant.items()}
+    order = list(by_variant)
+    best = max(order, key=lambda v: (round(mean_dev[v], 4), -size[v], -order.index(v)))
+    run = max(by_variant[best], key=lambda r: (metrics[r]["dev"]["avg_f1"], -by_variant[best].index(r)))
+    return run, {"rule": "best mean dev avg F1 over seeds (ties: fewer parameters), then its best dev seed",
+                 "variant": best, "mean_dev_avg_f1": {v: round(f, 4) for v, f in mean_dev.items()}}
+
+
+def study_agreement(exported_f1: float, metrics: Mapping, tolerance: float = STUDY_F1_TOLERANCE) -> dict:
+    """The exported fp32 model's test avg F1 against the study's own evaluation of the same run. Both
+    compute in fp32 when the run did, so they must agree (to `tolerance`: a logit at 1e-6 from a tie
+    may flip one image); a bf16 run is reported, not checked."""
+    study, precision = metrics["test"]["avg_f1"], metrics.get("environment", {}).get("precision")
+    result = {"study_test_avg_f1": round(study, 4), "difference": round(exported_f1 - study, 4),
+              "checked": precision == "fp32", "tolerance": tolerance}
+    if result["checked"] and abs(exported_f1 - study) > tolerance:
+        raise export.ExportError(f"the exported fp32 model scores test avg F1 {exported_f1:.4f}, the study's fp32 "
+                                 f"evaluation of the same run {study:.4f}: they differ by more than {tolerance}")
+    return result
 
 
 def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
@@ -72,6 +125,9 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
                  f"throughput_batch{section.throughput_batch}_per_s": export.throughput(
                      _ort(sessions[max(section.threads)]), batches)},
         "eager_avg_f1": round(eager.avg_f1(), 4),
+        "study": study_agreement(fp32.avg_f1(), json.loads(trained.deployed.metrics.read_text())),
+        **({"selection": trained.deployed.selection} if trained.deployed.selection else {}),
+        "cpu_vnni": cpu_has_vnni(),
     }
     if teacher is not None:
         result["speedup_vs_teacher"] = _speedup_over_teacher(folder, sessions, teacher, trained.dataset, singles,
@@ -96,10 +152,12 @@ class _Trained:
     classifier: torch.nn.Module
     model_cfg: ModelConfig
     tokenizer: object
+    deployed: Deployed
 
 
 def _trained_model(params: Mapping, paths: Paths, model: str, root: Path) -> _Trained:
-    checkpoint, dataset, run = deployed_checkpoint(params, paths, model)
+    deployed = deployed_run(params, paths, model)
+    checkpoint, dataset, run = deployed.checkpoint, deployed.dataset, deployed.run
     data = load_data(params, dataset, root)
     classifier, payload = load_checkpoint(checkpoint)
     changed = changed_data_setting(payload["data"], data.config)  # the test split is read as the model was trained
@@ -108,7 +166,8 @@ def _trained_model(params: Mapping, paths: Paths, model: str, root: Path) -> _Tr
         raise export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
                                  f"params.yaml now says {now!r}: re-run its training stage first")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
-    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, model_cfg.tokenizer())
+    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, model_cfg.tokenizer(),
+                    deployed)
 
 
 def _ort(session):

@@ -102,13 +102,17 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     seed = params.get("seed", 42)
     bases = variant_bases(params)
     hyper = tables.hyperparameter_table(params, best)
-    study_tables, intervals, ablations = {}, {}, {}
+    study_tables, intervals, ablations, claims = {}, {}, {}, {}
+    student = primary_student(params)
     for dataset in runs.dataset.unique():
         intervals[dataset] = tables.interval_table(runs, dataset, seed=seed, bases=bases)
         atomic_write(out / f"intervals_{dataset}.csv", lambda p, t=intervals[dataset]: t.to_csv(p, index=False))
         study_tables[dataset] = tables.study_table(runs, dataset, intervals[dataset])
         atomic_write(out / f"table_{dataset}.csv", lambda p, t=study_tables[dataset]: t.to_csv(p, index=False))
         ablations[dataset] = tables.ablation_table(intervals[dataset], bases)
+        if student is not None and params["students"][student]["dataset"] == dataset:
+            claims[dataset] = tables.claims_table(intervals[dataset], student)
+            atomic_write(out / f"claims_{dataset}.csv", lambda p, t=claims[dataset]: t.to_csv(p, index=False))
     masking = tables.masking_table(runs, masked_pairs(params), seed=seed)
     if len(masking):
         atomic_write(out / "masking.csv", lambda p: masking.to_csv(p, index=False))
@@ -135,7 +139,8 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     figures.plot_confusions(runs, out / "confusion_matrices.png")
     figures.plot_training_curves(runs, out / "training_curves.png")
     write_text(out / "results.md", page.results_markdown(page.StudyReport(
-        runs, hyper, optuna_metrics, intervals, ablations, masking, drivers, deployment, goals)))
+        runs, hyper, optuna_metrics, intervals, ablations, masking, drivers, deployment, goals, claims)))
     return {"runs": runs, "tables": study_tables, "intervals": intervals, "ablations": ablations, "masking": masking,
+            "claims": claims,
             "drivers": drivers, "deployment": deployment, "goals": goals, "hyper": hyper,
             "out": out}

@@ -304,7 +304,10 @@ def collect(search: Search, study: optuna.Study) -> dict:
     write_json(paths.optuna_models() / "study.json", {"study": search.study_name, "storage": search.storage_url,
                                                       "n_trials": len(study.trials)})
     figures.plot_optuna(study, out, n_startup_trials=section.n_startup_trials)
-    result_metrics = {"best_dev_avg_f1": round(best.value, 4), "n_trials": len(study.trials),
+    result_metrics = {"best_dev_avg_f1": round(best.value, 4), "best_trial": best.number,
+                      # A best among the random start-up trials says the sampler's model added nothing yet.
+                      "best_is_startup_trial": best.number < section.n_startup_trials,
+                      "n_trials": len(study.trials),
                       "n_complete": sum(t.state == states.COMPLETE for t in study.trials),
                       "n_pruned": sum(t.state == states.PRUNED for t in study.trials),
                       "n_failed": sum(t.state == states.FAIL for t in study.trials)}
