@@ -617,8 +617,8 @@ def _model_trunks(model: MultimodalClassifier, data: PreparedData, tokenizer, ro
 
 def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
                   checkpoint_path: Path | None = None, resume_path: Path | None = None,
-                  trunk_dir: Path | None = None) -> RunResult:
-    """Phase 1: the teacher learns both tasks from the labels (CE + CE).
+                  trunk_dir: Path | None = None, loss_cfg: LossConfig | None = None) -> RunResult:
+    """Phase 1: the teacher learns both tasks from the labels (CE + CE; `loss_cfg` may weigh the classes).
 
     Metrics, predictions and history go to `out_dir`; the checkpoint to `checkpoint_path`
     (default `out_dir/model.pt`). With `resume_path` the run saves its state after each epoch
@@ -629,13 +629,19 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     seed_everything(cfg.seed)
     device, bf16 = training_device(cfg)
     model = _trainable(build_model(model_cfg, data.vocab.num_classes).to(device), cfg)
+    loss_cfg = loss_cfg or LossConfig(weights={"ce": 1.0})
+    if loss_cfg.uses_teacher:
+        raise ValueError(f"a teacher learns from labels only; its loss has teacher terms {loss_cfg.active_terms}")
+    # Plain CE keeps the key it always had (state saved before teachers had a loss section resumes).
+    loss_key = [loss_cfg.to_dict()] if loss_cfg.class_weights != "none" else []
     resume = Resume(Path(resume_path), run_state_key("teacher", model_cfg.to_dict(), cfg.to_dict(),
-                                                   data.content_key("train"))) if resume_path else None
+                                                   data.content_key("train"), *loss_key)) if resume_path else None
     tokenizer = model_cfg.tokenizer()
     run = RunContext(model, model_cfg, data, tokenizer, "teacher", cfg, device, out_dir, checkpoint_path, started,
                      resume, bf16, _model_trunks(model, data, tokenizer, "teacher", cfg, device, bf16, trunk_dir))
-    loss_fn = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}),
-                                       LossContext(model.fusion_dim, None, len(data.records["train"])))
+    loss_fn = CombinedLoss.from_config(loss_cfg, LossContext(
+        model.fusion_dim, None, len(data.records["train"]), train_labels=data.labels["train"],
+        num_classes=data.vocab.num_classes))
     loader = make_loader(data.dataset("train", {"teacher": run.tokenizer}, augment=cfg.augment), cfg.batch_size,
                          shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
 

@@ -216,3 +216,13 @@ def test_seed_and_variant_scope_problems_are_named():
     def no_search(p):
         del p["optuna"]
     assert problems_after(no_search)["distill.no-kl.students"].startswith("`primary` names `optuna.student`")
+
+
+def test_a_teachers_loss_may_weigh_classes_but_never_distil():
+    from medkd.stages.schema import teacher_loss_config
+    assert teacher_loss_config(CI, "medpix").active_terms == ["ce"]  # no `loss:`: plain CE
+    params = copy.deepcopy(CI)
+    params["teachers"]["medpix"]["loss"] = {"class_weights": "balanced"}
+    assert teacher_loss_config(params, "medpix").class_weights == "balanced" and check_params(params) == []
+    params["teachers"]["medpix"]["loss"] = {"weights": {"ce": 1.0, "kl": 0.5}}
+    assert {p.path for p in check_params(params)} == {"teachers.medpix.loss.weights"}

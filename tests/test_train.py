@@ -431,3 +431,12 @@ def test_cpu_bf16_probe_reads_instruction_probes_and_feature_flags(monkeypatch, 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(environment, "cpu_features", lambda: set(features.split()))
     assert environment.cpu_runs_bf16_natively() is native
+
+
+def test_a_teacher_can_weigh_its_classes_but_not_distil(data, tmp_path):
+    balanced = train_teacher(data, TEACHER, FAST, tmp_path / "balanced",
+                             loss_cfg=LossConfig(weights={"ce": 1.0}, class_weights="balanced"))
+    plain = train_teacher(data, TEACHER, FAST, tmp_path / "plain")
+    assert balanced.history[0]["train_ce"] != plain.history[0]["train_ce"]  # the weights reach the loss
+    with pytest.raises(ValueError, match="learns from labels only"):
+        train_teacher(data, TEACHER, FAST, tmp_path / "kd", loss_cfg=LossConfig(weights={"ce": 1.0, "kl": 1.0}))

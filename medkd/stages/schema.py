@@ -62,6 +62,7 @@ Sub = dict[str, Any]  # a section whose keys a config class checks
 
 class TeacherSection(_Section):
     model: Sub
+    loss: Sub = {}  # the teacher's own loss: CE (class_weights), no distillation terms
     train: Sub = {}
 
 
@@ -318,6 +319,16 @@ def teacher_configs(params: Mapping, dataset: str) -> tuple[ModelConfig, TrainCo
     return model, train_config(params, (f"teachers.{dataset}.train", section.get("train")))
 
 
+def teacher_loss_config(params: Mapping, dataset: str) -> LossConfig:
+    """`teachers.<dataset>.loss` (default: plain CE); a teacher learns from labels only."""
+    where = f"teachers.{dataset}.loss"
+    loss = _build(LossConfig, [(where, {"weights": {"ce": 1.0}, **(params["teachers"][dataset].get("loss") or {})})])
+    if loss.uses_teacher:
+        raise ParamsError([Problem(f"{where}.weights", f"a teacher has no teacher to distil from: only ce, "
+                                                       f"got {sorted(loss.active_terms)}")])
+    return loss
+
+
 def student_configs(params: Mapping, student: str, variant: str, overrides: Mapping[str, Any] | None = None,
                     source: str = "overrides", seed: int | None = None) -> tuple[ModelConfig, LossConfig, TrainConfig]:
     """(ModelConfig, LossConfig, TrainConfig) of one student trained with one variant's hyperparameters.
@@ -429,6 +440,7 @@ def check_params(params: Any) -> list[Problem]:
             problems.append(Problem(f"teachers.{dataset}", f"no data set {dataset!r} under `data:`"
                                     f"{did_you_mean(dataset, data)}; data sets: {', '.join(data)}"))
         collect(teacher_configs, params, dataset)
+        collect(teacher_loss_config, params, dataset)
     if students and distill is None:
         problems.append(Problem("distill", "required key is missing (students are listed)"))
     if isinstance(distill, Mapping):

@@ -13,7 +13,7 @@ from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
 from medkd.stages.common import Paths, load_data
-from medkd.stages.schema import teacher_configs
+from medkd.stages.schema import teacher_configs, teacher_loss_config
 from medkd.train import load_or_build_teacher_cache, train_teacher
 
 
@@ -27,7 +27,8 @@ def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
         reset_dir(report_dir)
     barrier()
     result = train_teacher(data, model_cfg, cfg, report_dir, checkpoint_path=paths.teacher_checkpoint(dataset),
-                           resume_path=paths.resume(f"teacher-{dataset}"), trunk_dir=paths.trunks())
+                           resume_path=paths.resume(f"teacher-{dataset}"), trunk_dir=paths.trunks(),
+                           loss_cfg=teacher_loss_config(params, dataset))
     if not is_main():
         return {"result": result}
     load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset), all_ranks=False,

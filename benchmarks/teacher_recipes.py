@@ -1,0 +1,120 @@
+"""Which teacher is worth distilling? Teacher recipes on dev, beside the frozen-trunk linear probe.
+
+Trains the teacher of params.yaml with each recipe (trainable depth, learning rate, epochs,
+class-balanced CE) on the real data and records its dev avg macro-F1 and cost; then fits the
+study's baseline probe: a logistic regression per task on the teacher backbones' frozen pooled
+features (image and text, standardised), C chosen on dev. Dev only: test is never looked at.
+Results: benchmarks/results/teacher_recipes.json and a table on stdout.
+
+    .venv/bin/python benchmarks/teacher_recipes.py
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
+
+import medkd.trunks as trunks
+from medkd.config import LossConfig
+from medkd.environment import cpu_model
+from medkd.models import build_model
+from medkd.stages.common import load_data
+from medkd.stages.schema import teacher_configs
+from medkd.train import resolve_device, train_teacher
+
+C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the probe's inverse regularisation, chosen on dev
+# (name, trainable blocks of both backbones, lr, epochs, class weights)
+RECIPES = [
+    ("default: top 2, lr 4.8e-4, 2 epochs", 2, 4.79e-4, 2, "none"),
+    ("top 2, 4 epochs", 2, 4.79e-4, 4, "none"),
+    ("top 2, 4 epochs, balanced CE", 2, 4.79e-4, 4, "balanced"),
+    ("top 4, 4 epochs, balanced CE", 4, 4.79e-4, 4, "balanced"),
+    ("top 2, 6 epochs, balanced CE", 2, 4.79e-4, 6, "balanced"),
+]
+
+
+def linear_probe(data, model_cfg, cfg, folder: Path) -> dict:
+    """Logistic regression per task on the frozen pooled features of the teacher's backbones; C on dev."""
+    device = resolve_device(cfg.device)
+    frozen = replace(model_cfg, vision_train_blocks=0, text_train_blocks=0)
+    model = build_model(frozen, data.vocab.num_classes).to(device)
+    started = time.perf_counter()
+    cache = trunks.model_trunks(model, data, frozen.tokenizer(), "teacher", device, False, folder,
+                                batch_size=cfg.eval_batch_size)
+    features = {split: torch.cat([cache.vision[split], cache.text[split]], 1).numpy() for split in ("train", "dev")}
+    scaler = StandardScaler().fit(features["train"])
+    x = {split: scaler.transform(f) for split, f in features.items()}
+    best = None
+    for c in C_GRID:
+        scores = []
+        for task in range(2):
+            y = {split: data.labels[split][:, task].numpy() for split in ("train", "dev")}
+            clf = LogisticRegression(C=c, max_iter=3000).fit(x["train"], y["train"])
+            scores.append(f1_score(y["dev"], clf.predict(x["dev"]), average="macro"))
+        if best is None or np.mean(scores) > best["dev_avg_f1"]:
+            best = {"C": c, "dev_avg_f1": float(np.mean(scores)), "dev_task_f1": scores}
+    return {**best, "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--dataset", default="medpix")
+    parser.add_argument("--only", nargs="*", type=int, default=None, help="recipe numbers to run (default: all; "
+                                                                           "none: the probe alone)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher_recipes.json"))
+    args = parser.parse_args()
+    params = yaml.safe_load(args.params.read_text())
+    data = load_data(params, args.dataset, Path.cwd())
+    model_cfg, train_cfg = teacher_configs(params, args.dataset)
+    rows = []
+    machine = {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine, "probe": probe, "recipes": rows}, indent=1) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "trunks"
+        probe = linear_probe(data, model_cfg, train_cfg, folder)
+        print(f"linear probe (C {probe['C']}): dev {probe['dev_avg_f1']:.4f} ({probe['seconds']:.0f} s)", flush=True)
+        save()
+        for number, (name, blocks, lr, epochs, weights) in enumerate(RECIPES):
+            if args.only is not None and number not in args.only:
+                continue
+            cfg = replace(train_cfg, lr=lr, epochs=epochs)
+            recipe_cfg = replace(model_cfg, vision_train_blocks=blocks, text_train_blocks=blocks)
+            started = time.perf_counter()
+            result = train_teacher(data, recipe_cfg, cfg, Path(tmp) / f"recipe{number}", trunk_dir=folder,
+                                   loss_cfg=LossConfig(weights={"ce": 1.0}, class_weights=weights))
+            history = pd.DataFrame(result.history)
+            rows.append({"recipe": name, "train_blocks": blocks, "lr": lr, "epochs": epochs, "class_weights": weights,
+                         "dev_avg_f1": result.dev["avg_f1"], "best_epoch": result.best_epoch,
+                         "dev_by_epoch": history["dev_avg_f1"].round(4).tolist(),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(f"{name}: dev {result.dev['avg_f1']:.4f} (best epoch {result.best_epoch}) in {rows[-1]['seconds']} s",
+                  flush=True)
+            save()
+    if rows:
+        print(pd.DataFrame(rows)[["recipe", "dev_avg_f1", "best_epoch", "seconds"]].to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
