@@ -185,12 +185,19 @@ class _Splittable(nn.Module):
     train_blocks: TrainBlocks = "all"
 
     def cut(self) -> Cut:
+        """The body's cut, made once per body (`top` runs every training step). Keyed by the body's
+        id, not the body: a deep copy gets a new body, whose cut must close over the copy."""
+        cached = getattr(self, "_cut", None)
+        if cached is not None and cached[0] == id(self.body):
+            return cached[1]
         try:
-            return (_vision_cut if isinstance(self, VisionBackbone) else _text_cut)(self.body)
+            cut = (_vision_cut if isinstance(self, VisionBackbone) else _text_cut)(self.body)
         except BackboneSplitError as err:
             raise BackboneSplitError(
                 f"backbone {self.name!r} cannot be split into a frozen trunk and trainable top blocks ({err}); "
                 "set its train_blocks to all") from None
+        self._cut = (id(self.body), cut)
+        return cut
 
     @property
     def frozen_blocks(self) -> int | None:

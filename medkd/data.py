@@ -302,26 +302,23 @@ class PreparedData:
     def content_key(self, split: str) -> str:
         """sha256 of what a model sees of a split: decoded pixels, texts, labels, preprocessing.
 
-        Computed once per split (the cache key, the resume key and the Optuna fingerprint all ask).
+        Computed once per split (the cache keys, the resume key and the Optuna fingerprint all ask);
+        built from the split's `images_key` and `texts_key`, so the pixels are hashed once.
         """
-        if split not in self._content_keys:
-            self._content_keys[split] = self._hash_content(split)
-        return self._content_keys[split]
-
-    def _hash_content(self, split: str) -> str:
-        digest = hashlib.sha256(repr((self.config.image_size, self.config.max_length, self.config.text_fields,
-                                      self.config.label_fields, self.config.mask_terms)).encode())
-        digest.update(self.images(split).numpy().tobytes())
-        for record in self.records[split]:
-            digest.update(f"\x00{record.image_id}\x00{record.text}".encode())
-        digest.update(self.labels[split].numpy().tobytes())
-        digest.update(repr(self.vocab.to_dict()).encode())
-        return digest.hexdigest()
+        def update(digest):
+            digest.update(f"{self.images_key(split)}\x00{self.texts_key(split)}\x00{self.config.label_fields}".encode())
+            for record in self.records[split]:
+                digest.update(f"\x00{record.image_id}".encode())
+            digest.update(self.labels[split].numpy().tobytes())
+            digest.update(repr(self.vocab.to_dict()).encode())
+        return self._key(("content", split), update)
 
     def images_key(self, split: str) -> str:
         """sha256 of a split's decoded, resized pixels in record order: all a vision trunk sees."""
-        return self._key(("images", split), lambda digest: (
-            digest.update(repr(self.config.image_size).encode()), digest.update(self.images(split).numpy().tobytes())))
+        def update(digest):
+            digest.update(repr(self.config.image_size).encode())
+            digest.update(self.images(split).numpy().tobytes())
+        return self._key(("images", split), update)
 
     def texts_key(self, split: str) -> str:
         """sha256 of a split's texts in record order and how they are cut and masked (the tokenizer is
@@ -333,6 +330,7 @@ class PreparedData:
         return self._key(("texts", split), update)
 
     def _key(self, name: tuple, update) -> str:
+        """A memoised sha256 (`update` feeds the digest), computed once per PreparedData."""
         if name not in self._content_keys:
             digest = hashlib.sha256()
             update(digest)
