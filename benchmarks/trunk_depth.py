@@ -57,7 +57,7 @@ def trunk_pass(model_cfg, data, cfg: TrainConfig, folder: Path) -> float:
     model = build_model(model_cfg, data.vocab.num_classes).to(device)
     trunks._memory.clear()
     started = time.perf_counter()
-    cache = trunks.model_trunks(model, data, model_cfg.tokenizer(), "x", device, uses_bf16(cfg.precision, device),
+    cache = trunks.model_trunks(model, data, model_cfg.tokenizer(), "teacher", device, uses_bf16(cfg.precision, device),
                                 folder, batch_size=cfg.eval_batch_size)
     seconds = time.perf_counter() - started
     print(f"  trunk pass {seconds:.1f} s, {cache.nbytes / 2**20:.0f} MiB", flush=True)

@@ -15,14 +15,19 @@ from medkd.distributed import local_device
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "scikit-learn", "optuna")
 
 
-def cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `keys` (None: no such line)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def cpu_runs_bf16_natively() -> bool:
@@ -41,13 +46,7 @@ def cpu_runs_bf16_natively() -> bool:
 
 def cpu_features() -> set[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, Arm `Features`); empty if unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags", "Features") or "").split())
 
 
 def cpu_has_vnni() -> bool:
