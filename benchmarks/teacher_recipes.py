@@ -47,6 +47,11 @@ RECIPES = [
     ("top 2, 4 epochs, balanced CE", 2, 4.79e-4, 4, "balanced"),
     ("top 4, 4 epochs, balanced CE", 4, 4.79e-4, 4, "balanced"),
     ("top 2, 6 epochs, balanced CE", 2, 4.79e-4, 6, "balanced"),
+    ("top 2, 10 epochs, balanced CE", 2, 4.79e-4, 10, "balanced"),
+    ("frozen trunks, lr 1e-3, 30 epochs, balanced CE", 0, 1.0e-3, 30, "balanced"),
+    ("top 2, lr 1e-3, 10 epochs, balanced CE", 2, 1.0e-3, 10, "balanced"),
+    ("top 2, lr 1.05e-4 (the students'), 6 epochs, balanced CE", 2, 1.05e-4, 6, "balanced"),
+    ("top 2, lr 2e-4, 10 epochs, balanced CE", 2, 2.0e-4, 10, "balanced"),
 ]
 
 
@@ -79,20 +84,25 @@ def main() -> None:
     parser.add_argument("--dataset", default="medpix")
     parser.add_argument("--only", nargs="*", type=int, default=None, help="recipe numbers to run (default: all; "
                                                                            "none: the probe alone)")
+    parser.add_argument("--trunks", type=Path, default=None, help="trunk cache folder to reuse between "
+                                                                   "invocations (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher_recipes.json"))
     args = parser.parse_args()
     params = yaml.safe_load(args.params.read_text())
     data = load_data(params, args.dataset, Path.cwd())
     model_cfg, train_cfg = teacher_configs(params, args.dataset)
-    rows = []
     machine = {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
                "threads": torch.get_num_threads(), "torch": torch.__version__}
+    # Recipes run earlier on the same machine kind stay in the file; a recipe run again replaces its row.
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
+    chosen = {name for number, (name, *_) in enumerate(RECIPES) if args.only is None or number in args.only}
+    rows = [r for r in earlier.get("recipes", []) if earlier.get("machine") == machine and r["recipe"] not in chosen]
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": machine, "probe": probe, "recipes": rows}, indent=1) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "trunks"
+        folder = args.trunks or Path(tmp) / "trunks"
         probe = linear_probe(data, model_cfg, train_cfg, folder)
         print(f"linear probe (C {probe['C']}): dev {probe['dev_avg_f1']:.4f} ({probe['seconds']:.0f} s)", flush=True)
         save()

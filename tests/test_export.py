@@ -98,6 +98,25 @@ def test_int8_model_runs_and_is_smaller(trained):
     assert export.file_mb(folder / export.INT8) < export.file_mb(folder / export.FP32)
 
 
+def _int8_weight_extremes(path) -> list[int]:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    return [int(abs(numpy_helper.to_array(t).astype(int)).max()) for t in proto.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
+
+
+def test_int8_weights_keep_to_7_bits_unless_told_otherwise(trained, tmp_path):
+    # Without VNNI, x86 sums pairs of u8 x s8 products in int16: 255 * 127 * 2 overflows it, 255 * 64 * 2
+    # does not. The default export's quantized weights must stay within 7 bits; full range reaches 127.
+    seven = _int8_weight_extremes(trained["folder"] / export.INT8)
+    export.quantize_int8(trained["folder"] / export.FP32, tmp_path / "full.onnx", reduce_range=False)
+    full = _int8_weight_extremes(tmp_path / "full.onnx")
+    assert seven and len(seven) == len(full)
+    assert max(seven) <= 64 and max(full) == 127
+
+
 def test_latency_statistics_cover_the_requested_runs(trained):
     calls = []
     stats = export.latency(lambda b: calls.append(b), ["a", "b", "c"], runs=30, warmup=4)

@@ -88,8 +88,17 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     assert seeds[("tiny-a", "kl-only")] == [7, 42]  # Hinton KD on the primary comparison's seeds
     claims = pd.read_csv(root / "reports" / "results" / "claims_medpix.csv")
     assert claims["Compared"].tolist() == ["tiny-a kl-only − tiny-a no-kd", "tiny-a tuned − tiny-a no-kd",
-                                           "tiny-a optuna-best − tiny-a no-kd", "teacher − tiny-a no-kd"]
+                                           "tiny-a optuna-best − tiny-a no-kd"]
     assert set(claims["Reading"]) <= {"too few seeds (fewer than 3 on an arm)"}  # two seeds here
+    # The teacher's baseline: its linear probe is a run with per-image predictions, in every table it belongs to.
+    for dataset in params["teachers"]:
+        probe = root / "reports" / "teachers" / dataset / "probe"
+        assert {"metrics.json", "predictions_dev.csv", "predictions_test.csv"} <= {p.name for p in probe.iterdir()}
+        assert "probe" in json.loads((root / "reports" / "metrics" / f"teacher-{dataset}.json").read_text())
+    assert ("Linear probe", "linear-probe") in set(zip(all_runs.model, all_runs.variant))
+    teacher_checks = pd.read_csv(root / "reports" / "results" / "teacher_medpix.csv")
+    assert teacher_checks["Compared"].tolist()[:2] == ["teacher − linear probe", "teacher − tiny-a no-kd"]
+    assert "## Is the teacher worth distilling? (medpix)" in results
     assert seeds[("tiny-b", "tuned")] == seeds[("tiny-a", "no-crd")] == [42]
     assert ("tiny-b", "no-crd") not in seeds.index
     # Every model exported with its preprocessing, and the export is what `medkd predict` runs.

@@ -312,17 +312,31 @@ def test_search_history_marks_pruned_trials_and_the_start_up(tmp_path):
     assert (tmp_path / "param_importances.png").read_bytes().startswith(PNG)
 
 
+def _differences(rows) -> pd.DataFrame:
+    return pd.DataFrame([{"name": n, "kind": "difference", "estimate": e, "low": lo, "high": hi, "seeds": s,
+                          "reading": ""} for n, e, lo, hi, s in rows])
+
+
 def test_the_claims_table_asks_each_question_against_the_student_trained_alone():
-    rows = [
+    intervals = _differences([
         ("s kl-only − s no-kd", 0.02, -0.01, 0.05, 3), ("s tuned − s no-kd", -0.10, -0.14, -0.06, 3),
-        ("s optuna-best − s no-kd", 0.03, 0.01, 0.05, 2), ("s no-kd − teacher", 0.05, 0.02, 0.08, 1),
-    ]
-    intervals = pd.DataFrame([{"name": n, "kind": "difference", "estimate": e, "low": lo, "high": hi, "seeds": s,
-                               "reading": ""} for n, e, lo, hi, s in rows])
+        ("s no-kd − s optuna-best", -0.03, -0.05, -0.01, 2), ("s no-kd − teacher", 0.05, 0.02, 0.08, 1),
+    ])
     table = tables.claims_table(intervals, "s")
-    assert table["Compared"].tolist() == ["s kl-only − s no-kd", "s tuned − s no-kd", "s optuna-best − s no-kd",
-                                          "teacher − s no-kd"]
-    assert table["Reading"].tolist() == ["not detectable", "no: it hurts", "too few seeds (fewer than 3 on an arm)",
-                                         "too few seeds (fewer than 3 on an arm)"]
-    assert table.iloc[3]["Difference"] == "-0.050" and table.iloc[3]["95% interval"] == "[-0.080, -0.020]"  # negated
+    # The teacher (one seed) is no claim: its own table says what its intervals cover.
+    assert table["Compared"].tolist() == ["s kl-only − s no-kd", "s tuned − s no-kd", "s optuna-best − s no-kd"]
+    assert table["Reading"].tolist() == ["not detectable", "no: it hurts", "too few seeds (fewer than 3 on an arm)"]
+    assert table.iloc[2]["Difference"] == "+0.030" and table.iloc[2]["95% interval"] == "[+0.010, +0.050]"  # negated
     assert table.iloc[0]["95% interval"] == "[-0.010, +0.050]"
+
+
+def test_the_teacher_table_sets_the_teacher_against_its_probe_and_each_student_alone():
+    intervals = _differences([
+        ("teacher − linear probe", 0.04, 0.01, 0.07, 1), ("a no-kd − teacher", 0.05, 0.02, 0.08, 1),
+        ("b no-kd − teacher", -0.01, -0.03, 0.02, 1), ("a tuned − teacher", 0.09, 0.05, 0.12, 1),
+    ])
+    table = tables.teacher_table(intervals, ["a", "b", "c"])
+    assert table["Compared"].tolist() == ["teacher − linear probe", "teacher − a no-kd", "teacher − b no-kd"]
+    assert table["Difference"].tolist() == ["+0.040", "-0.050", "+0.010"]
+    assert table["95% interval"].tolist() == ["[+0.010, +0.070]", "[-0.080, -0.020]", "[-0.020, +0.030]"]
+    assert table["Reading"].tolist() == ["teacher better", "teacher worse", "not detectable"]

@@ -25,11 +25,12 @@ class StudyReport:
     deployment: pd.DataFrame | None = None
     goals: Sequence[str] = ()
     claims: Mapping[str, pd.DataFrame] = field(default_factory=dict)
+    teacher: Mapping[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def results_markdown(report: StudyReport) -> str:
     """results.md: one section after the other, each from its part of the report."""
-    sections = (_study, _claims, _intervals, _ablations, _masking, _drivers, _deployment, _runs, _figures)
+    sections = (_study, _claims, _teacher, _intervals, _ablations, _masking, _drivers, _deployment, _runs, _figures)
     return "\n".join(line for section in sections for line in section(report))
 
 
@@ -56,6 +57,18 @@ def _claims(report: StudyReport) -> list[str]:
                       "alone (no-KD: CE only, same schedule and seeds). Intervals resample the test images and each "
                       "arm's seeds together, so they cover seed-to-seed variation too; a comparison with fewer than "
                       "3 seeds on an arm is not read as a claim.", "",
+                      table.to_markdown(index=False, disable_numparse=True), ""]
+    return lines
+
+
+def _teacher(report: StudyReport) -> list[str]:
+    lines = []
+    for dataset, table in report.teacher.items():
+        if len(table):
+            lines += [f"## Is the teacher worth distilling? ({dataset})", "",
+                      "The teacher against the linear probe on its own frozen pretrained backbones (logistic "
+                      "regression per task, C chosen on dev) and against each student trained alone. The teacher "
+                      "has one training seed, so these intervals do not cover its seed-to-seed variation.", "",
                       table.to_markdown(index=False, disable_numparse=True), ""]
     return lines
 

@@ -26,8 +26,12 @@ OPTUNA_BEST = "optuna-best"  # the retrained best trial of the search (stage opt
 MAIN_VARIANTS = ("tuned", "baseline", NO_KD, OPTUNA_BEST)
 
 
+PROBE = "linear-probe"  # the teacher's baseline: logistic regression on its frozen backbones (medkd.probe)
+REFERENCES = {"teacher": "teacher", PROBE: "linear probe"}  # variants that are no student's: their labels
+
+
 def run_label(model: str, variant: str) -> str:
-    return "teacher" if variant == "teacher" else f"{model} {variant}"
+    return REFERENCES.get(variant, f"{model} {variant}")
 
 
 def model_groups(runs: pd.DataFrame) -> pd.DataFrame:
@@ -71,10 +75,12 @@ def study_table(runs: pd.DataFrame, dataset: str, intervals: pd.DataFrame | None
         return ci.loc[name] if ci is not None and name in ci.index else None
 
     rows = []
-    for r in groups[groups.variant.isin(["teacher", "tuned", OPTUNA_BEST])].itertuples():
+    for r in groups[groups.variant.isin(["teacher", PROBE, "tuned", OPTUNA_BEST])].itertuples():
         label = run_label(r.model, r.variant)
         if r.variant == "teacher":
             name, improvement, gain_ci = f"Teacher ({r.backbones})", "Baseline", ""
+        elif r.variant == PROBE:
+            name, improvement, gain_ci = f"Linear probe (the teacher's frozen {r.backbones})", "", ""
         else:
             name = f"Student ({r.backbones})" + (" [Optuna best]" if r.variant == OPTUNA_BEST else "")
             base = by.avg_f1.get((r.model, "baseline"))
@@ -88,7 +94,7 @@ def study_table(runs: pd.DataFrame, dataset: str, intervals: pd.DataFrame | None
             row["Avg F1 95% CI"] = _ci(interval(label))
             row["vs baseline 95% CI"] = gain_ci
         if (groups.variant == NO_KD).any():  # the distillation's own effect
-            control = by.avg_f1.get((r.model, NO_KD)) if r.variant != "teacher" else None
+            control = by.avg_f1.get((r.model, NO_KD)) if r.variant not in REFERENCES else None
             row["vs no-KD"] = f"{r.avg_f1 - control:+.3f}" if control is not None else ""
             if ci is not None:
                 row["vs no-KD 95% CI"] = (_ci(interval(f"{label} − {run_label(r.model, NO_KD)}"))
@@ -107,9 +113,9 @@ def interval_table(runs: pd.DataFrame, dataset: str, seed: int = 0, n_resamples:
     t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
     frames = {run_label(model, variant): list(group.predictions)
               for (model, variant), group in sub.groupby(["model", "variant"], sort=False)}
-    differences = []
+    differences = [("teacher", REFERENCES[PROBE])] if {"teacher", REFERENCES[PROBE]} <= frames.keys() else []
     for model, variant in dict.fromkeys(zip(sub.model, sub.variant)):
-        if variant == "teacher":
+        if variant in REFERENCES:
             continue
         label = run_label(model, variant)
 
@@ -259,7 +265,6 @@ CLAIMS = (  # (claim, the student's variant or the teacher, against the same stu
     ("Distillation (Hinton: CE + α·KL) helps the student", KL_ONLY),
     ("The study's combined loss (CE + KL + MSE + CRD, its tuned weights) helps", "tuned"),
     ("The searched loss weights help", OPTUNA_BEST),
-    ("The teacher is better than the student trained alone", "teacher"),
 )
 MIN_CLAIM_SEEDS = 3
 
@@ -274,21 +279,46 @@ def claims_table(intervals: pd.DataFrame, student: str) -> pd.DataFrame:
     diffs = intervals[intervals.kind == "difference"].set_index("name")
     control = run_label(student, NO_KD)
     for claim, variant in CLAIMS:
-        arm = run_label(student, variant) if variant != "teacher" else "teacher"
-        if f"{arm} − {control}" in diffs.index:
-            r = diffs.loc[f"{arm} − {control}"]
-            estimate, low, high = r.estimate, r.low, r.high
-        elif f"{control} − {arm}" in diffs.index:  # stored the other way round: negate
-            r = diffs.loc[f"{control} − {arm}"]
-            estimate, low, high = -r.estimate, -r.high, -r.low
-        else:
+        arm = run_label(student, variant)
+        found = _difference(diffs, arm, control)
+        if found is None:
             continue
-        seeds = int(r.seeds)
+        estimate, low, high, seeds = found
         reading = ("too few seeds (fewer than 3 on an arm)" if seeds < MIN_CLAIM_SEEDS
                    else "yes" if low > 0 else "no: it hurts" if high < 0 else "not detectable")
         rows.append({"Claim": claim, "Compared": f"{arm} − {control}", "Seeds (fewer arm)": seeds,
                      "Difference": f"{estimate:+.3f}", "95% interval": f"[{low:+.3f}, {high:+.3f}]",
                      "Reading": reading})
+    return pd.DataFrame(rows)
+
+
+def _difference(diffs: pd.DataFrame, arm: str, other: str) -> tuple[float, float, float, int] | None:
+    """`arm − other` (estimate, low, high, seeds of the fewer arm) from an interval table's differences,
+    whichever way round it was stored."""
+    if f"{arm} − {other}" in diffs.index:
+        r = diffs.loc[f"{arm} − {other}"]
+        return r.estimate, r.low, r.high, int(r.seeds)
+    if f"{other} − {arm}" in diffs.index:
+        r = diffs.loc[f"{other} − {arm}"]
+        return -r.estimate, -r.high, -r.low, int(r.seeds)
+    return None
+
+
+def teacher_table(intervals: pd.DataFrame, students: Sequence[str]) -> pd.DataFrame:
+    """Is the teacher worth distilling? The teacher against its own linear probe (what its pretrained
+    backbones give without fine-tuning) and against each student trained alone (no-KD). The teacher is
+    trained with one seed and the probe is deterministic, so these intervals cover the test images and
+    the students' seeds, not the teacher's seed-to-seed variation: read them as this teacher's."""
+    diffs = intervals[intervals.kind == "difference"].set_index("name")
+    rows = []
+    for other in [REFERENCES[PROBE], *(run_label(student, NO_KD) for student in students)]:
+        found = _difference(diffs, "teacher", other)
+        if found is None:
+            continue
+        estimate, low, high, seeds = found
+        reading = "teacher better" if low > 0 else "teacher worse" if high < 0 else "not detectable"
+        rows.append({"Compared": f"teacher − {other}", "Seeds (fewer arm)": seeds, "Difference": f"{estimate:+.3f}",
+                     "95% interval": f"[{low:+.3f}, {high:+.3f}]", "Reading": reading})
     return pd.DataFrame(rows)
 
 

@@ -34,6 +34,10 @@ class Paths:
     def teacher_report(self, dataset: str) -> Path:
         return self.root / "reports" / "teachers" / dataset
 
+    def probe_report(self, dataset: str) -> Path:
+        """The teacher's baseline, the linear probe on its frozen backbones (`medkd.probe`): a run folder."""
+        return self.teacher_report(dataset) / "probe"
+
     def student_checkpoint(self, student: str, variant: str) -> Path:
         return self.root / "models" / "students" / student / f"{variant}.pt"
 

@@ -107,7 +107,8 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
                "attention_mask": batches[0][f"attention_mask_{export.ROLE}"]}
     folder = export.export_model(classifier, trained.model_cfg, tokenizer, example, data.vocab.tasks,
                                  data.vocab.classes, data.config.image_size, data.config.max_length,
-                                 paths.export_model(model), int8=section.int8, mask_terms=data.config.mask_terms)
+                                 paths.export_model(model), int8=section.int8, mask_terms=data.config.mask_terms,
+                                 int8_reduce_range=section.int8_reduce_range)
     timing = dict(runs=section.latency_runs, warmup=section.warmup)
     sessions = {t: export.session(folder / export.FP32, t) for t in section.threads}
     eager = export.score(lambda b: export.eager_logits(classifier, b), test)
@@ -134,7 +135,8 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
                                                              timing)
     result["torch_eager"] = {"latency_1_thread": _eager_latency_one_thread(classifier, singles, timing)}
     if section.int8:
-        result["int8"] = _int8_measurements(folder, test, singles, timing, result["fp32"]["avg_f1"])
+        result["int8"] = {**_int8_measurements(folder, test, singles, timing, result["fp32"]["avg_f1"]),
+                          "reduce_range": section.int8_reduce_range}
     report_dir = reset_dir(paths.export_report(model))
     write_json(report_dir / "deployment.json", result)
     write_json(paths.metrics(f"export-{model}"), lean_metrics(result))

@@ -23,23 +23,28 @@ def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
     rows = []
     for dataset in params.get("teachers", {}):
         run = load_run(paths.teacher_report(dataset))
-        rows.append(_row(dataset, "Teacher", "teacher", params.get("seed", 42), run,
+        rows.append(run_row(dataset, "Teacher", "teacher", params.get("seed", 42), run,
                          params["teachers"][dataset]["model"]))
+        probe_dir = paths.probe_report(dataset)
+        if probe_dir.exists():
+            rows.append(run_row(dataset, "Linear probe", tables.PROBE, params.get("seed", 42), load_run(probe_dir),
+                             params["teachers"][dataset]["model"]))
     for student, spec in params.get("students", {}).items():
         for planned in student_runs(params, student):
             run_dir = paths.student_report(student) / planned.name
             if run_dir.exists():
-                rows.append(_row(spec["dataset"], student, planned.variant, planned.seed, load_run(run_dir), spec))
+                rows.append(run_row(spec["dataset"], student, planned.variant, planned.seed, load_run(run_dir), spec))
     student = primary_student(params)
     best_seeds = sorted(int(d.name.removeprefix("seed-")) for d in (paths.optuna_report() / "best").glob("seed-*"))
     for seed in best_seeds:
         spec = params["students"][student]
-        rows.append(_row(spec["dataset"], student, tables.OPTUNA_BEST, seed,
+        rows.append(run_row(spec["dataset"], student, tables.OPTUNA_BEST, seed,
                          load_run(paths.optuna_report() / "best" / f"seed-{seed}"), spec))
     return pd.DataFrame(rows)
 
 
-def _row(dataset: str, name: str, variant: str, seed: int, run: Mapping, spec: Mapping) -> dict:
+def run_row(dataset: str, name: str, variant: str, seed: int, run: Mapping, spec: Mapping) -> dict:
+    """One run (`load_run`) as a row of the frame the report tables read."""
     tasks = run["metrics"]["tasks"]
     test = run["test"]
     return {
@@ -102,7 +107,7 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     seed = params.get("seed", 42)
     bases = variant_bases(params)
     hyper = tables.hyperparameter_table(params, best)
-    study_tables, intervals, ablations, claims = {}, {}, {}, {}
+    study_tables, intervals, ablations, claims, teacher_checks = {}, {}, {}, {}, {}
     student = primary_student(params)
     for dataset in runs.dataset.unique():
         intervals[dataset] = tables.interval_table(runs, dataset, seed=seed, bases=bases)
@@ -113,6 +118,10 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
         if student is not None and params["students"][student]["dataset"] == dataset:
             claims[dataset] = tables.claims_table(intervals[dataset], student)
             atomic_write(out / f"claims_{dataset}.csv", lambda p, t=claims[dataset]: t.to_csv(p, index=False))
+        students = [name for name, spec in params.get("students", {}).items() if spec["dataset"] == dataset]
+        teacher_checks[dataset] = tables.teacher_table(intervals[dataset], students)
+        if len(teacher_checks[dataset]):
+            atomic_write(out / f"teacher_{dataset}.csv", lambda p, t=teacher_checks[dataset]: t.to_csv(p, index=False))
     masking = tables.masking_table(runs, masked_pairs(params), seed=seed)
     if len(masking):
         atomic_write(out / "masking.csv", lambda p: masking.to_csv(p, index=False))
@@ -139,8 +148,9 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     figures.plot_confusions(runs, out / "confusion_matrices.png")
     figures.plot_training_curves(runs, out / "training_curves.png")
     write_text(out / "results.md", page.results_markdown(page.StudyReport(
-        runs, hyper, optuna_metrics, intervals, ablations, masking, drivers, deployment, goals, claims)))
+        runs, hyper, optuna_metrics, intervals, ablations, masking, drivers, deployment, goals, claims,
+        teacher_checks)))
     return {"runs": runs, "tables": study_tables, "intervals": intervals, "ablations": ablations, "masking": masking,
-            "claims": claims,
+            "claims": claims, "teacher": teacher_checks,
             "drivers": drivers, "deployment": deployment, "goals": goals, "hyper": hyper,
             "out": out}

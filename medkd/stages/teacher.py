@@ -1,4 +1,5 @@
-"""Stage `teacher@<dataset>`: train the teacher, then run it once over the training split (the cache)."""
+"""Stage `teacher@<dataset>`: train the teacher, run it once over the training split (the cache), and
+fit its baseline, the linear probe on its frozen pretrained backbones (`medkd.probe`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from medkd.distributed import barrier, is_main
 from medkd.files import atomic_write, reset_dir, write_json
 from medkd.metrics import headline_metrics
 from medkd.params import project_root
+from medkd.probe import linear_probe, write_probe
 from medkd.stages.common import Paths, load_data
 from medkd.stages.schema import teacher_configs, teacher_loss_config
 from medkd.train import load_or_build_teacher_cache, train_teacher
@@ -34,8 +36,11 @@ def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
     load_or_build_teacher_cache(result.checkpoint, data, cfg, paths.teacher_cache(dataset), all_ranks=False,
                                 trunk_dir=paths.trunks())
     paths.clear_resume(f"teacher-{dataset}")  # the stage is done: nothing left to resume
+    probe = linear_probe(data, model_cfg, cfg, trunk_dir=paths.trunks())
+    write_probe(probe, paths.probe_report(dataset))
     metrics = json.loads((report_dir / "metrics.json").read_text())
-    write_json(paths.metrics(f"teacher-{dataset}"), headline_metrics(metrics))
+    write_json(paths.metrics(f"teacher-{dataset}"),
+               {**headline_metrics(metrics), "probe": {"C": probe.c, **headline_metrics(probe.metrics)}})
     history = pd.DataFrame(result.history)
     atomic_write(paths.plot(f"teacher-{dataset}"), lambda p: history.to_csv(p, index=False))
-    return {"result": result, "metrics": metrics, "history": history, "vocab": data.vocab}
+    return {"result": result, "metrics": metrics, "history": history, "vocab": data.vocab, "probe": probe}
