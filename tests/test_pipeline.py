@@ -99,6 +99,11 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     teacher_checks = pd.read_csv(root / "reports" / "results" / "teacher_medpix.csv")
     assert teacher_checks["Compared"].tolist()[:2] == ["teacher − linear probe", "teacher − tiny-a no-kd"]
     assert "## Is the teacher worth distilling? (medpix)" in results
+    # The headline is read off those tables: the claim's own interval and reading, word for word.
+    headline = results.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    first = pd.read_csv(root / "reports" / "results" / "claims_medpix.csv", dtype=str).iloc[0]
+    assert f"**{first['Reading']}**: {first['Compared']} {first['Difference']} {first['95% interval']}" in headline
+    assert "- medpix: **teacher − linear probe**: " in headline
     assert seeds[("tiny-b", "tuned")] == seeds[("tiny-a", "no-crd")] == [42]
     assert ("tiny-b", "no-crd") not in seeds.index
     # Every model exported with its preprocessing, and the export is what `medkd predict` runs.

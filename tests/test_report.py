@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from medkd.report import data as data_report
-from medkd.report import figures, plots, tables
+from medkd.report import figures, page, plots, tables
 from medkd.data import DataConfig, PreparedData
 from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
 
@@ -230,6 +230,19 @@ def test_results_name_the_environment_and_flag_mixed_ones(runs):
     mixed = runs.assign(environment=[env] * (len(runs) - 1) + [{**env, "cpu_isa": "AVX512_BF16_AMX"}])
     assert "ran in 2 different environments" in "\n".join(tables.environment_lines(mixed))
     assert tables.environment_lines(runs) == []  # runs from before environments were recorded
+
+
+def test_a_runs_own_facts_do_not_make_another_environment(runs):
+    # The teacher's and a student's trunk caches differ in size; the probe records no world size.
+    env = {"cpu": "AMD EPYC", "cpu_isa": "AVX2", "cpu_count": 2, "torch_threads": 2, "gpu": None,
+           "precision": "fp32", "python": "3.11.7", "versions": {"torch": "2.14.1"}}
+    recorded = [{**env, "world_size": 1, "trunk_cache_mb": 331.2}, {**env, "world_size": 1, "trunk_cache_mb": 180.9},
+                env] + [{**env, "world_size": 1}] * (len(runs) - 3)
+    machines = [page.machine_environment(e) for e in recorded]
+    assert "different environments" not in "\n".join(tables.environment_lines(runs.assign(environment=machines)))
+    two_ranks = machines[:-1] + [{**env, "world_size": 2}]
+    assert "ran in 2 different environments" in "\n".join(
+        tables.environment_lines(runs.assign(environment=two_ranks)))
 
 
 def test_models_with_several_seeds_show_mean_and_std_and_every_seed_in_all_runs(runs):
