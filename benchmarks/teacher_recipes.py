@@ -3,7 +3,8 @@
 Trains the teacher of params.yaml with each recipe (trainable depth, learning rate, epochs,
 class-balanced CE) on the real data and records its dev avg macro-F1 and cost; then fits the
 study's baseline probe: a logistic regression per task on the teacher backbones' frozen pooled
-features (image and text, standardised), C chosen on dev. Dev only: test is never looked at.
+features (image and text, standardised), C chosen on dev: `medkd.probe`, as stage `teacher` fits it. Dev
+only: the probe predicts test as the stage does, but this script records dev numbers alone.
 Results: benchmarks/results/teacher_recipes.json and a table on stdout.
 
     .venv/bin/python benchmarks/teacher_recipes.py
@@ -23,23 +24,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.preprocessing import StandardScaler
 
-import medkd.trunks as trunks
 from medkd.config import LossConfig
 from medkd.environment import cpu_model
-from medkd.models import build_model
+from medkd.probe import linear_probe
 from medkd.stages.common import load_data
 from medkd.stages.schema import teacher_configs
-from medkd.train import resolve_device, train_teacher
+from medkd.train import train_teacher
 
-C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the probe's inverse regularisation, chosen on dev
 # (name, trainable blocks of both backbones, lr, epochs, class weights)
 RECIPES = [
     ("default: top 2, lr 4.8e-4, 2 epochs", 2, 4.79e-4, 2, "none"),
@@ -55,27 +50,12 @@ RECIPES = [
 ]
 
 
-def linear_probe(data, model_cfg, cfg, folder: Path) -> dict:
-    """Logistic regression per task on the frozen pooled features of the teacher's backbones; C on dev."""
-    device = resolve_device(cfg.device)
-    frozen = replace(model_cfg, vision_train_blocks=0, text_train_blocks=0)
-    model = build_model(frozen, data.vocab.num_classes).to(device)
-    started = time.perf_counter()
-    cache = trunks.model_trunks(model, data, frozen.tokenizer(), "teacher", device, False, folder,
-                                batch_size=cfg.eval_batch_size)
-    features = {split: torch.cat([cache.vision[split], cache.text[split]], 1).numpy() for split in ("train", "dev")}
-    scaler = StandardScaler().fit(features["train"])
-    x = {split: scaler.transform(f) for split, f in features.items()}
-    best = None
-    for c in C_GRID:
-        scores = []
-        for task in range(2):
-            y = {split: data.labels[split][:, task].numpy() for split in ("train", "dev")}
-            clf = LogisticRegression(C=c, max_iter=3000).fit(x["train"], y["train"])
-            scores.append(f1_score(y["dev"], clf.predict(x["dev"]), average="macro"))
-        if best is None or np.mean(scores) > best["dev_avg_f1"]:
-            best = {"C": c, "dev_avg_f1": float(np.mean(scores)), "dev_task_f1": scores}
-    return {**best, "seconds": time.perf_counter() - started}
+def probe_summary(data, model_cfg, cfg, folder: Path) -> dict:
+    """The study's own baseline (`medkd.probe`, as stage `teacher` fits it), dev numbers only."""
+    result = linear_probe(data, model_cfg, cfg, trunk_dir=folder)
+    dev = result.metrics["dev"]
+    return {"C": result.c, "dev_avg_f1": dev["avg_f1"], "dev_task_f1": [dev[t]["f1_macro"] for t in data.vocab.tasks],
+            "dev_avg_f1_by_C": result.metrics["dev_avg_f1_by_C"], "seconds": result.metrics["seconds"]}
 
 
 def main() -> None:
@@ -103,7 +83,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.trunks or Path(tmp) / "trunks"
-        probe = linear_probe(data, model_cfg, train_cfg, folder)
+        probe = probe_summary(data, model_cfg, train_cfg, folder)
         print(f"linear probe (C {probe['C']}): dev {probe['dev_avg_f1']:.4f} ({probe['seconds']:.0f} s)", flush=True)
         save()
         for number, (name, blocks, lr, epochs, weights) in enumerate(RECIPES):

@@ -72,29 +72,35 @@ def _study(report: StudyReport) -> list[str]:
                     "with cross-entropy alone (no teacher), same schedule and seeds.", ""]
 
 
-def _claims(report: StudyReport) -> list[str]:
+def _table_sections(tables: Mapping[str, pd.DataFrame], heading: str, explanation: str) -> list[str]:
+    """One section per data set with a non-empty table: `heading` (with the data set), the
+    explanation, the table (its cells as written: "+0.010" stays signed)."""
     lines = []
-    for dataset, table in report.claims.items():
+    for dataset, table in tables.items():
         if len(table):
-            lines += [f"## Does distillation help? ({dataset})", "",
-                      "The primary student with each kind of teacher signal against the same student trained "
-                      "alone (no-KD: CE only, same schedule and seeds). Intervals resample the test images and each "
-                      "arm's seeds together, so they cover seed-to-seed variation too; a comparison with fewer than "
-                      "3 seeds on an arm is not read as a claim.", "",
+            lines += [f"## {heading} ({dataset})", "", explanation, "",
                       table.to_markdown(index=False, disable_numparse=True), ""]
     return lines
+
+
+CLAIMS_SECTION = (
+    "Does distillation help?",
+    "The primary student with each kind of teacher signal against the same student trained alone (no-KD: CE only, "
+    "same schedule and seeds). Intervals resample the test images and each arm's seeds together, so they cover "
+    "seed-to-seed variation too; a comparison with fewer than 3 seeds on an arm is not read as a claim.")
+TEACHER_SECTION = (
+    "Is the teacher worth distilling?",
+    "The teacher against the linear probe on its own frozen pretrained backbones (logistic regression per task, C "
+    "chosen on dev) and against each student trained alone. The teacher has one training seed, so these intervals "
+    "do not cover its seed-to-seed variation.")
+
+
+def _claims(report: StudyReport) -> list[str]:
+    return _table_sections(report.claims, *CLAIMS_SECTION)
 
 
 def _teacher(report: StudyReport) -> list[str]:
-    lines = []
-    for dataset, table in report.teacher.items():
-        if len(table):
-            lines += [f"## Is the teacher worth distilling? ({dataset})", "",
-                      "The teacher against the linear probe on its own frozen pretrained backbones (logistic "
-                      "regression per task, C chosen on dev) and against each student trained alone. The teacher "
-                      "has one training seed, so these intervals do not cover its seed-to-seed variation.", "",
-                      table.to_markdown(index=False, disable_numparse=True), ""]
-    return lines
+    return _table_sections(report.teacher, *TEACHER_SECTION)
 
 
 def _intervals(report: StudyReport) -> list[str]:
