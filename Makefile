@@ -31,7 +31,7 @@ $(OFFLINE_STAMP): $(STAMP) offline-weights.txt
 
 # Fill data/ (from the mirror when it has a data set, else online) and record it in data.dvc.
 data: $(STAMP)
-	$(BIN)/python -m medkd.fetch --dest data --mirror "$(MEDKD_DATA_MIRROR)" --online
+	$(BIN)/python -m medkd.data.fetch --dest data --mirror "$(MEDKD_DATA_MIRROR)" --online
 	$(BIN)/dvc add -q data
 
 # The main job: the default study in params.yaml.

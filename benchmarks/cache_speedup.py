@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from medkd.data import DataConfig, PreparedData
-from medkd.losses import LossConfig
-from medkd.models import ModelConfig, build_model
-from medkd.synthetic import make_synthetic_medpix
-from medkd.train import Distillation, TeacherSource, TrainConfig, distill_student, save_checkpoint
+from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.data.prepared import DataConfig, PreparedData
+from medkd.engine.loop import Distillation, TeacherSource, TrainConfig, distill_student, save_checkpoint
+from medkd.engine.losses import LossConfig
+from medkd.models.classifier import ModelConfig, build_model
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The dev-set decision on class-weighted cross-entropy (`loss.class_weights`: none | balanced).
+"""The dev-set decision on class-weighted cross-entropy (`loss.ce.class_weights`: none | balanced).
 
 Trains the primary student (`optuna.student`) without the teacher (the `no-kd` variant: the class
 weights act on the cross-entropy alone, so no teacher is needed) once per setting and seed, and
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from medkd.files import write_json
-from medkd.params import load_params, project_root
-from medkd.stages.common import load_data
-from medkd.stages.runs import primary_student
-from medkd.stages.schema import student_configs
-from medkd.train import Distillation, TeacherSource, distill_student
+from medkd.config.params import load_params, project_root
+from medkd.config.sections import student_configs
+from medkd.config.study import primary_student
+from medkd.data.prepared import load_data
+from medkd.engine.loop import Distillation, TeacherSource, distill_student
+from medkd.util.files import write_json
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     for setting in ("none", "balanced"):
         for seed in args.seeds:
-            model_cfg, loss_cfg, cfg = student_configs(params, student, "no-kd", {"loss.class_weights": setting},
+            model_cfg, loss_cfg, cfg = student_configs(params, student, "no-kd", {"loss.ce.class_weights": setting},
                                                        source="dev_class_weights", seed=seed)
             with tempfile.TemporaryDirectory() as tmp:
                 result = distill_student(data, Distillation(model_cfg, loss_cfg, cfg, Path(tmp),

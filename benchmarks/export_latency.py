@@ -1,7 +1,7 @@
 """Will the students be 5x faster than the teacher on this CPU? Answered before any training.
 
 The teacher and each student of params.yaml are built with random weights (batch-1 latency does not
-depend on the weights' values), exported exactly as the export stages do (`medkd.export`), and each
+depend on the weights' values), exported exactly as the export stages do (`medkd.deploy.onnx_export`), and each
 student is timed alternately with its data set's teacher on real test samples: ONNX Runtime, batch
 1, one thread (`export.paired_speedup`: the teacher's p50 over the student's, with a block-bootstrap
 95% interval over the timed pairs). The export stages measure the trained models the same way; this
@@ -26,14 +26,15 @@ import pandas as pd
 import torch
 import yaml
 
-from medkd import export
-from medkd.data import make_loader
-from medkd.environment import cpu_model
-from medkd.files import write_json
-from medkd.models import build_model, count_parameters
-from medkd.report import speedup_verdict
-from medkd.stages.common import load_data
-from medkd.stages.schema import export_section, student_configs, teacher_configs
+from medkd.config.sections import student_configs, teacher_configs
+from medkd.config.stage_settings import export_section
+from medkd.data.prepared import load_data, make_loader
+from medkd.deploy import onnx_export as export
+from medkd.models.backbones import build_tokenizer
+from medkd.models.classifier import build_model, count_parameters
+from medkd.reporting.tables import speedup_verdict
+from medkd.util.environment import cpu_model
+from medkd.util.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,13 +43,12 @@ def exported_session(model_cfg, data, folder: Path, threads: int = 1):
     """A random-weight classifier of `model_cfg`, exported like the stage exports it: (session, tokenizer, params)."""
     torch.manual_seed(0)
     model = build_model(model_cfg, data.vocab.num_classes, pretrained=False).eval()
-    tokenizer = model_cfg.tokenizer()
+    tokenizer = build_tokenizer(model_cfg.text, model_cfg.text_weights)
     sample = data.dataset("test", {export.ROLE: tokenizer}).collate([0, 1])
     example = {"pixel_values": sample["pixel_values"], "input_ids": sample[f"input_ids_{export.ROLE}"],
                "attention_mask": sample[f"attention_mask_{export.ROLE}"]}
-    export.export_model(model, model_cfg, tokenizer, example, data.vocab.tasks, data.vocab.classes,
-                        data.config.image_size, data.config.max_length, folder, int8=False,
-                        mask_terms=data.config.mask_terms)
+    export.export_model(model, model_cfg, tokenizer, example, export.Preprocessing.of(data.config, data.vocab),
+                        folder, int8=False)
     return export.session(folder / export.FP32, threads), tokenizer, count_parameters(model)
 
 

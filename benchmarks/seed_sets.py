@@ -25,14 +25,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from medkd.environment import cpu_model
-from medkd.metrics import load_run
-from medkd.report import tables
-from medkd.stages.common import Paths, load_data
-from medkd.stages.results import collect_runs, run_row
-from medkd.stages.runs import primary_student
-from medkd.stages.schema import student_configs
-from medkd.train import Distillation, TeacherSource, distill_student
+from medkd.config.sections import student_configs
+from medkd.config.study import primary_student
+from medkd.data.prepared import load_data
+from medkd.engine.loop import Distillation, TeacherSource, distill_student
+from medkd.pipeline.paths import Paths
+from medkd.reporting import tables
+from medkd.scoring.metrics import load_run
+from medkd.stages.report import collect_runs, run_row
+from medkd.util.environment import cpu_model
 
 ARMS = (tables.NO_KD, tables.KL_ONLY, "tuned", tables.OPTUNA_BEST)
 
@@ -57,7 +58,7 @@ def main() -> None:
     overlap = set(args.seeds) & set(committed.seed)
     if overlap:
         raise SystemExit(f"--seeds {sorted(overlap)} are the committed run's own: give a disjoint seed set")
-    best = json.loads((paths.optuna_report() / "best_params.json").read_text())["params"]
+    best = json.loads((paths.search_report() / "best_params.json").read_text())["params"]
     data = load_data(params, dataset, root)
     teacher = TeacherSource(paths.teacher_checkpoint(dataset), cache_path=paths.teacher_cache(dataset),
                             rebuild_stale=False)

@@ -3,7 +3,7 @@
 Trains the teacher of params.yaml with each recipe (trainable depth, learning rate, epochs,
 class-balanced CE) on the real data and records its dev avg macro-F1 and cost; then fits the
 study's baseline probe: a logistic regression per task on the teacher backbones' frozen pooled
-features (image and text, standardised), C chosen on dev: `medkd.probe`, as stage `teacher` fits it. Dev
+features (image and text, standardised), C chosen on dev: `medkd.engine.probe`, as stage `teacher` fits it. Dev
 only: the probe predicts test as the stage does, but this script records dev numbers alone.
 Results: benchmarks/results/teacher_recipes.json and a table on stdout.
 
@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 import yaml
 
-from medkd.config import LossConfig
-from medkd.environment import cpu_model
-from medkd.probe import linear_probe
-from medkd.stages.common import load_data
-from medkd.stages.schema import teacher_configs
-from medkd.train import train_teacher
+from medkd.config.loss_terms import LossConfig
+from medkd.config.sections import teacher_configs
+from medkd.data.prepared import load_data
+from medkd.engine.loop import train_teacher
+from medkd.engine.probe import linear_probe
+from medkd.util.environment import cpu_model
 
 # (name, trainable blocks of both backbones, lr, epochs, class weights)
 RECIPES = [
@@ -51,7 +51,7 @@ RECIPES = [
 
 
 def probe_summary(data, model_cfg, cfg, folder: Path) -> dict:
-    """The study's own baseline (`medkd.probe`, as stage `teacher` fits it), dev numbers only."""
+    """The study's own baseline (`medkd.engine.probe`, as stage `teacher` fits it), dev numbers only."""
     result = linear_probe(data, model_cfg, cfg, trunk_dir=folder)
     dev = result.metrics["dev"]
     return {"C": result.c, "dev_avg_f1": dev["avg_f1"], "dev_task_f1": [dev[t]["f1_macro"] for t in data.vocab.tasks],
@@ -93,7 +93,7 @@ def main() -> None:
             recipe_cfg = replace(model_cfg, vision_train_blocks=blocks, text_train_blocks=blocks)
             started = time.perf_counter()
             result = train_teacher(data, recipe_cfg, cfg, Path(tmp) / f"recipe{number}", trunk_dir=folder,
-                                   loss_cfg=LossConfig(weights={"ce": 1.0}, class_weights=weights))
+                                   loss_cfg=LossConfig.from_dict({"ce": {"weight": 1.0, "class_weights": weights}}))
             history = pd.DataFrame(result.history)
             rows.append({"recipe": name, "train_blocks": blocks, "lr": lr, "epochs": epochs, "class_weights": weights,
                          "dev_avg_f1": result.dev["avg_f1"], "best_epoch": result.best_epoch,

@@ -35,14 +35,16 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from medkd.data import DataConfig, PreparedData, make_loader
-from medkd.environment import bf16_is_native, cpu_model
-from medkd.models import build_model
-from medkd.stages.schema import student_configs, teacher_configs
-from medkd.train import (
-    Distillation, TeacherSource, TrainConfig, autocast, batch_inputs, build_teacher_cache, distill_student,
-    evaluate, resolve_device, save_checkpoint, train_teacher, uses_bf16,
-)
+from medkd.config.configs import TrainConfig
+from medkd.config.sections import student_configs, teacher_configs
+from medkd.data.prepared import DataConfig, PreparedData, make_loader
+from medkd.engine.evaluation import autocast, batch_inputs, evaluate
+from medkd.engine.loop import Distillation, TeacherSource, distill_student, train_teacher
+from medkd.engine.teacher_cache import build_teacher_cache
+from medkd.models.backbones import build_tokenizer
+from medkd.models.checkpoint import save_checkpoint
+from medkd.models.classifier import build_model
+from medkd.util.environment import bf16_is_native, cpu_model, resolve_device, uses_bf16
 
 _OFF = {"channels_last": False, "fused_optimizer": False, "eval_by_length": False, "train_by_length": False,
         "compile": False}
@@ -99,7 +101,7 @@ def measure(name: str, role: str, model_cfg, loss_cfg, cfg: TrainConfig, data: P
     model = build_model(model_cfg, data.vocab.num_classes, pretrained=False).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    tokenizer = model_cfg.tokenizer()
+    tokenizer = build_tokenizer(model_cfg.text, model_cfg.text_weights)
     evaluate(model, data, "dev", tokenizer, role, cfg, device)  # warm-up
     started = time.perf_counter()
     evaluate(model, data, "dev", tokenizer, role, cfg, device)
@@ -151,7 +153,7 @@ def main() -> None:
         if spec["dataset"] == args.dataset:
             model_cfg, loss_cfg, train_cfg = student_configs(params, student, "tuned")
             # A small subset can lack a class, which balanced weights refuse; speed does not depend on them.
-            loss_cfg = replace(loss_cfg, class_weights="none")
+            loss_cfg = loss_cfg.model_copy(update={"ce": loss_cfg.ce.model_copy(update={"class_weights": "none"})})
             models.append((student, "student", replace(model_cfg, pretrained=False), loss_cfg, train_cfg))
     if args.only:
         models = [m for m in models if m[0] in args.only]
@@ -167,7 +169,7 @@ def main() -> None:
                                                         "test": args.eval_samples})
             teacher_ckpt, cache_path = tmp / f"teacher-{variant}.pt", tmp / f"cache-{variant}.pt"
             torch.manual_seed(0)
-            save_checkpoint(teacher_ckpt, build_model(teacher_cfg, data.vocab.num_classes), teacher_cfg, data.vocab, data)
+            save_checkpoint(teacher_ckpt, build_model(teacher_cfg, data.vocab.num_classes), teacher_cfg, data.vocab, data.config)
             torch.save(build_teacher_cache(teacher_ckpt, data, base), cache_path)  # also the warm-up
             setups[variant] = (switches, base, data, teacher_ckpt, cache_path)
         # Baseline and optimised alternate, repeat after repeat: drift of the machine's speed hits both alike.

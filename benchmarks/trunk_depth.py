@@ -34,14 +34,15 @@ import pandas as pd
 import torch
 import yaml
 
-import medkd.trunks as trunks
-from medkd.environment import cpu_model
-from medkd.models import build_model
-from medkd.stages.common import load_data
-from medkd.stages.schema import optuna_section, student_configs, teacher_configs
-from medkd.train import (
-    Distillation, TeacherSource, TrainConfig, distill_student, resolve_device, train_teacher, uses_bf16,
-)
+import medkd.engine.trunks as trunks
+from medkd.config.configs import TrainConfig
+from medkd.config.sections import student_configs, teacher_configs
+from medkd.config.stage_settings import optuna_section
+from medkd.data.prepared import load_data
+from medkd.engine.loop import Distillation, TeacherSource, distill_student, train_teacher
+from medkd.models.backbones import build_tokenizer
+from medkd.models.classifier import build_model
+from medkd.util.environment import cpu_model, resolve_device, uses_bf16
 
 
 def depth_config(model_cfg, depth: str):
@@ -57,8 +58,8 @@ def trunk_pass(model_cfg, data, cfg: TrainConfig, folder: Path) -> float:
     model = build_model(model_cfg, data.vocab.num_classes).to(device)
     trunks._memory.clear()
     started = time.perf_counter()
-    cache = trunks.model_trunks(model, data, model_cfg.tokenizer(), "teacher", device, uses_bf16(cfg.precision, device),
-                                folder, batch_size=cfg.eval_batch_size)
+    cache = trunks.model_trunks(model, data, build_tokenizer(model_cfg.text, model_cfg.text_weights), "teacher",
+                                trunks.TrunkRun(device, uses_bf16(cfg.precision, device), folder, cfg.eval_batch_size))
     seconds = time.perf_counter() - started
     print(f"  trunk pass {seconds:.1f} s, {cache.nbytes / 2**20:.0f} MiB", flush=True)
     return seconds

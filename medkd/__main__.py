@@ -1,5 +1,5 @@
 import sys
 
-from medkd.commands import main
+from medkd.cli import main
 
 sys.exit(main())

@@ -1,9 +1,16 @@
-"""The pipeline's own commands: DVC's `check` stage runs `python -m medkd.cli check-params`; the
-notebook stages run `python -m medkd.stages.runner` (`run-stage` here too), which skips this
-module's schema imports and their torch (the full `medkd` command is `medkd/commands.py`).
+"""The `medkd` command (also `python -m medkd`): the pipeline's commands and those that run the study's
+code outside DVC.
 
     medkd check-params [--params params.yaml] [--stamp FILE]
     medkd run-stage NOTEBOOK OUTPUT [-p NAME VALUE]...
+    medkd predict MODEL {--image PATH --text CAPTION | --csv FILE} [--out FILE]
+    medkd preset {show | overrides | run} PRESET
+    medkd optuna-worker [--storage URL] [--root DIR]
+    torchrun --nproc_per_node N -m medkd train {teacher DATASET | student STUDENT}
+
+Parsing needs nothing but argparse: each command's code is imported by the function that runs it, so
+`medkd --help` answers at once and `medkd check-params` loads no torch. (This is the one module whose
+functions import medkd modules; it is no stage's command, so no DVC dependency hides behind it.)
 """
 
 from __future__ import annotations
@@ -12,69 +19,132 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 
-from medkd.environment import precision_problem, resolve_device
-from medkd.files import write_text
-from medkd.stages.runner import add_arguments, run_from_arguments
-from medkd.stages.schema import check_params, train_config
+def _check_params(args: argparse.Namespace) -> int:
+    from medkd.stages.check import check_params_command
 
-STAMP_TEXT = "params.yaml fits the medkd schema (written by `medkd check-params`)\n"
+    return check_params_command(args.params, args.stamp)
 
 
-def check_params_command(params_file: Path, stamp: Path | None) -> int:
+def _run_stage(argv: list[str]) -> int:
+    from medkd.pipeline.runner import main
+
+    return main(argv)
+
+
+def _project(root: Path | None) -> tuple[Path, dict] | None:
+    """The project folder and its checked params.yaml; None (after saying why) when they do not fit."""
+    from medkd.config.params import load_params, project_root
+    from medkd.config.schema import ParamsError, validate_params
+
+    root = (root or project_root()).resolve()
+    params = load_params(root)
     try:
-        params = yaml.safe_load(Path(params_file).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        print(f"{params_file}: no such file", file=sys.stderr)
+        validate_params(params, str(root / "params.yaml"))
+    except ParamsError as err:
+        print(err, file=sys.stderr)
+        return None
+    return root, params
+
+
+def _optuna_worker(args: argparse.Namespace) -> int:
+    """Join the study of `optuna:` in ROOT/params.yaml at `storage` and run trials until it has
+    `optuna.n_trials`. Needs the project's data and teacher stage outputs (`dvc repro teacher`)."""
+    from medkd.pipeline.lifecycle import die_with_parent
+    from medkd.stages.search import Search, counted_trials, run_worker
+
+    if args.with_parent:
+        die_with_parent()
+    project = _project(args.root)
+    if project is None:
         return 2
-    except yaml.YAMLError as err:
-        print(f"{params_file}: not valid YAML: {err}", file=sys.stderr)
-        return 2
-    problems = check_params(params)
-    if problems:
-        for problem in problems:
-            print(f"  {problem.path}: {problem.message}", file=sys.stderr)
-        print(f"{params_file}: {len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was run",
-              file=sys.stderr)
-        return 2
-    runtime = train_config(params)  # this machine, before any stage runs: a GPU it lacks, bf16 its CPU emulates
-    try:
-        problem = precision_problem(resolve_device(runtime.device), runtime.precision)
-    except RuntimeError as err:
-        problem = f"runtime.device: {err}"
-    if problem:
-        print(f"  {problem}", file=sys.stderr)
-        print(f"{params_file}: fits the schema, but not this machine; nothing was run", file=sys.stderr)
-        return 2
-    if stamp is not None:
-        write_text(stamp, STAMP_TEXT)  # constant: stages that depend on it re-run only for their own params
-    print(f"{params_file}: OK")
+    root, params = project
+    search = Search.open(params, root, args.storage)
+    ran = run_worker(search, args.worker, shared=args.shared)
+    print(f"optuna worker {args.worker}: ran {ran} trial{'s' * (ran != 1)}; study {search.study_name} at "
+          f"{search.storage_url} holds {counted_trials(search.study(args.worker, args.shared))} of "
+          f"{search.section.n_trials}")
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The parser with this module's commands, and its subparsers for more."""
+def _train(args: argparse.Namespace) -> int:
+    """The teacher or distill stage's training as a plain process: under `torchrun` one of N
+    data-parallel processes (NCCL on GPUs, gloo on CPUs); rank 0 writes the stage's outputs."""
+    import torch.distributed
+
+    from medkd.stages.distill import distill_stage
+    from medkd.stages.teacher import teacher_stage
+    from medkd.util.distributed import init_from_env, is_distributed
+    from medkd.util.environment import resolve_device
+
+    project = _project(args.root)
+    if project is None:
+        return 2
+    root, params = project
+    init_from_env(resolve_device((params.get("runtime") or {}).get("device", "auto")).type)
+    try:
+        (teacher_stage if args.kind == "teacher" else distill_stage)(params, args.name, root)
+    finally:
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _predict(argv: list[str]) -> int:
+    from medkd.deploy.predictor import main
+
+    return main(argv)
+
+
+def _preset(argv: list[str]) -> int:
+    from medkd.config.presets import main
+
+    return main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medkd", description="medkd: multimodal knowledge distillation study")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="check params.yaml against the schema (all problems at once)")
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     check.add_argument("--stamp", type=Path, default=None, help="write this file when the params are valid")
-    add_arguments(sub.add_parser("run-stage", help="run a stage notebook with papermill (DVC runs it as "
-                                                   "`python -m medkd.stages.runner`)"))
-    return parser, sub
+    check.set_defaults(run=_check_params)
+    sub.add_parser("run-stage", add_help=False, help="run a stage notebook with papermill (DVC runs it as "
+                                                     "`python -m medkd.pipeline.runner`)")
+    sub.add_parser("predict", add_help=False, help="predictions of an exported model (or a checkpoint) for your "
+                                                   "own images and captions; `medkd predict --help`")
+    sub.add_parser("preset", add_help=False, help="a preset (configs/*.yaml, an overlay on params.yaml) shown, or "
+                                                  "run as a DVC experiment; `medkd preset --help`")
+    worker = sub.add_parser("optuna-worker", help="join the Optuna study of params.yaml and run trials until it has "
+                                                  "optuna.n_trials (one or several machines on one storage)")
+    worker.add_argument("--storage", default=None,
+                        help="Optuna storage URL (postgresql+psycopg://..., journal:PATH, sqlite:///PATH); "
+                             "default: optuna.storage of params.yaml")
+    worker.add_argument("--root", type=Path, default=None, help="project folder (default: the one holding the cwd)")
+    worker.add_argument("--worker", type=int, default=1, help="this worker's number: its sampler seed offset")
+    worker.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True,
+                        help="other workers run at the same time (TPE: constant liar)")
+    worker.add_argument("--with-parent", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(run=_optuna_worker)
+    train = sub.add_parser("train", help="a teacher or student stage's training outside DVC; "
+                                         "under torchrun: data-parallel over the processes")
+    train.add_argument("kind", choices=["teacher", "student"])
+    train.add_argument("name", help="the data set (teacher) or student name of params.yaml")
+    train.add_argument("--root", type=Path, default=None, help="project folder (default: the one holding the cwd)")
+    train.set_defaults(run=_train)
+    return parser
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run `check-params` or `run-stage`."""
-    if args.command == "check-params":
-        return check_params_command(args.params, args.stamp)
-    return run_from_arguments(args)
+# Commands that parse their own arguments (`medkd predict --help` shows them).
+OWN_PARSERS = {"predict": _predict, "preset": _preset, "run-stage": _run_stage}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, _ = build_parser()
-    return run_command(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in OWN_PARSERS:
+        return OWN_PARSERS[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

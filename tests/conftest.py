@@ -19,10 +19,11 @@ import pytest
 import torch
 import yaml
 
-from medkd.backbones import build_tokenizer
-from medkd.models import ModelConfig, build_model
+from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.config.loss_terms import LossConfig
+from medkd.models.backbones import build_tokenizer
+from medkd.models.classifier import ModelConfig, build_model
 from medkd.stages.teacher import teacher_stage
-from medkd.synthetic import make_synthetic_medpix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,19 @@ def tiny_model(fusion_dim=16, fusion_layers=1, heads=2, num_classes=(2, 5), drop
 
 
 # --------------------------------------------------------------------------- a throwaway PostgreSQL server
+
+
+STUDY_WEIGHTS = {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
+TERM_OF_KEY = {"class_weights": "ce", "temperature": "kl", "projection": "mse", "feat_dim": "crd", "nce_k": "crd",
+               "nce_t": "crd", "nce_m": "crd"}
+
+
+def loss_config(weights=None, **keys) -> LossConfig:
+    """A LossConfig from weights and term keys by name (`temperature` goes to kl, `nce_k` to crd, ...)."""
+    sections = {name: {"weight": w} for name, w in (STUDY_WEIGHTS if weights is None else weights).items()}
+    for key, value in keys.items():
+        sections.setdefault(TERM_OF_KEY[key], {"weight": 0.0})[key] = value
+    return LossConfig.from_dict(sections)
 
 
 def _postgres_binaries() -> dict[str, str] | None:

@@ -5,19 +5,18 @@ torchrun; tests/test_distributed.py runs it both ways and compares.
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_run.py OUT DATA
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
-import dataclasses
-
 import torch
 
-from medkd.backbones import BACKBONES, register_backbone
-from medkd.data import DataConfig, PreparedData
-from medkd.distributed import init_from_env, rank
-from medkd.losses import LossConfig
-from medkd.models import ModelConfig
-from medkd.train import Distillation, TeacherSource, TrainConfig, distill_student, train_teacher
+from medkd.catalog.backbone_specs import BACKBONES, register_backbone
+from medkd.data.prepared import DataConfig, PreparedData
+from medkd.engine.loop import Distillation, TeacherSource, TrainConfig, distill_student, train_teacher
+from medkd.engine.losses import LossConfig
+from medkd.models.classifier import ModelConfig
+from medkd.util.distributed import init_from_env, rank
 
 # No dropout anywhere (fusion, and BERT's own): one process and N processes then compute the same
 # function of the same batches.
@@ -33,7 +32,8 @@ STUDENT = ModelConfig("tiny-vit", "tiny-bert-nodrop", fusion_dim=16, fusion_laye
 # 32 training samples in batches of 5: the last global batch (2) splits unevenly over 2 ranks.
 CFG = TrainConfig(epochs=2, batch_size=5, eval_batch_size=16, lr=1e-3, seed=7, precision="fp32", device="cpu")
 LIVE = dataclasses.replace(CFG, trunk_cache=False)  # the frozen parts computed on every batch instead
-LOSS = LossConfig(weights={"ce": 1.0, "kl": 0.5, "mse": 2.0, "crd": 0.5}, nce_k=8)
+LOSS = LossConfig.from_dict({"ce": {"weight": 1.0}, "kl": {"weight": 0.5}, "mse": {"weight": 2.0},
+                             "crd": {"weight": 0.5, "nce_k": 8}})
 
 
 def main(out: Path, data_root: Path) -> None:

@@ -2,11 +2,17 @@ import pytest
 import timm
 import torch
 
-from medkd import backbones
-from medkd.backbones import (
-    BackboneSpec, BackboneWeightsError, OfflinePackage, build_backbone, build_tokenizer,
-    get_spec, get_text_pretrained_name, list_backbones, register_backbone,
+from medkd.catalog import backbone_specs
+from medkd.catalog.backbone_specs import (
+    BackboneSpec,
+    BackboneWeightsError,
+    OfflinePackage,
+    get_spec,
+    get_text_pretrained_name,
+    list_backbones,
+    register_backbone,
 )
+from medkd.models.backbones import build_backbone, build_tokenizer
 
 
 def test_study_names_and_hub_ids():
@@ -93,7 +99,7 @@ def test_offline_package_weights_are_sha256_verified(tmp_path):
         with pytest.raises(BackboneWeightsError, match="sha256 of .*w.pth is [0-9a-f]{64}, expected 0000"):
             build_backbone("tiny-vit-pkg-test", pretrained=True)
     finally:
-        del backbones.BACKBONES["tiny-vit-pkg-test"]
+        del backbone_specs.BACKBONES["tiny-vit-pkg-test"]
 
 
 @pytest.mark.parametrize("name", [n for n in list_backbones() if get_spec(n).offline is not None])

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medkd.backbones import build_tokenizer
-from medkd.data import DataConfig, PreparedData, load_splits, make_loader
-from medkd.datasets import DataError
-from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.catalog.dataset_specs import DataError
+from medkd.catalog.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.data.prepared import DataConfig, PreparedData, load_splits, make_loader
+from medkd.models.backbones import build_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_MEDPIX = SHARED / "medpix-2.0"
@@ -162,7 +162,7 @@ def test_real_wound_metadata_without_images():
 
 
 def test_verify_lists_every_truncated_or_unreadable_image(medpix):
-    from medkd.data import verify_files
+    from medkd.data.prepared import verify_files
     records = load_splits(DataConfig("medpix", str(medpix)))
     truncated, garbage = records["train"][2], records["test"][1]
     data = truncated.image_path.read_bytes()
@@ -181,7 +181,8 @@ def test_verify_lists_every_truncated_or_unreadable_image(medpix):
 
 def test_verify_refuses_duplicate_ids_and_the_same_image_in_two_splits(medpix):
     import shutil
-    from medkd.data import verify_files
+
+    from medkd.data.prepared import verify_files
     records = load_splits(DataConfig("medpix", str(medpix)))
     hashes = verify_files(records)
     assert [len(h) for h in hashes.values()] == [20, 8, 8] and len({h for v in hashes.values() for h in v}) == 36
@@ -216,7 +217,7 @@ def test_wound_rows_with_too_many_or_too_few_fields_are_refused(wound):
 
 
 def test_length_bucketed_training_batches_cover_each_sample_once_and_pad_less():
-    from medkd.data import LengthBucketBatchSampler
+    from medkd.data.prepared import LengthBucketBatchSampler
     generator = torch.Generator().manual_seed(5)
     lengths = torch.randint(3, 48, (203,))
     sampler = LengthBucketBatchSampler(lengths, batch_size=8, generator=generator, pool_batches=4)
@@ -247,7 +248,7 @@ def test_length_bucketed_loader_draws_from_the_loader_generator(medpix):
 
 
 def test_masking_replaces_exactly_the_listed_words():
-    from medkd.data import mask_words
+    from medkd.data.prepared import mask_words
     terms = ["CT", "MR", "MRI", "T2", "computed tomography", "diffusion-weighted"]
     texts = ["Axial CT shows a mass; MRI and ct confirm.",
              "T2-weighted MR image, no CTA, ACT or MRIs here; T2.",
@@ -260,7 +261,7 @@ def test_masking_replaces_exactly_the_listed_words():
 
 
 def test_masked_data_shows_each_tokenizer_its_mask_token_in_every_split(medpix):
-    from medkd.data import DataConfig
+    from medkd.data.prepared import DataConfig
     tokenizer = build_tokenizer("tiny-bert")
     plain = PreparedData.load(DataConfig(name="medpix", root=str(medpix), image_size=16, max_length=24))
     masked = PreparedData.load(DataConfig(name="medpix", root=str(medpix), image_size=16, max_length=24,

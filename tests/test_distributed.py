@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
-from medkd.synthetic import make_synthetic_medpix
+
+from medkd.catalog.synthetic import make_synthetic_medpix
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 LOSS_KEYS = ("train_total", "train_ce", "train_kl", "train_mse", "train_crd")

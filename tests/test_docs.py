@@ -61,15 +61,17 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 @cache
 def medkd_flags() -> dict[str, set[str]]:
-    from medkd.commands import build_command_parser
-    from medkd.predict import build_parser as predict_parser
-    from medkd.presets import build_parser as preset_parser
+    from medkd.cli import build_parser
+    from medkd.config.presets import build_parser as preset_parser
+    from medkd.deploy.predictor import build_parser as predict_parser
+    from medkd.pipeline.runner import build_parser as run_stage_parser
 
     flags = {}
-    for action in build_command_parser()._actions:
+    for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             flags |= {name: _options(sub) for name, sub in action.choices.items()}
     flags["predict"], flags["preset"] = _options(predict_parser()), _options(preset_parser())
+    flags["run-stage"] = _options(run_stage_parser())
     return flags
 
 

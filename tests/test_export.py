@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from medkd import export
-from medkd.data import DataConfig, PreparedData
-from medkd.models import ModelConfig, build_model
-from medkd.predict import main as predict_main
-from medkd.synthetic import make_synthetic_medpix
-from medkd.train import save_checkpoint
+from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.data.prepared import DataConfig, PreparedData
+from medkd.deploy import onnx_export as export
+from medkd.deploy.predictor import main as predict_main
+from medkd.models.backbones import build_tokenizer
+from medkd.models.checkpoint import save_checkpoint
+from medkd.models.classifier import ModelConfig, build_model
 
 CFG = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, fusion_heads=2, dropout=0.1)
 MASK = ("ct", "mr")
@@ -33,14 +34,14 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(CFG, data.vocab.num_classes).eval()
     checkpoint = tmp / "model.pt"
-    save_checkpoint(checkpoint, model, CFG, data.vocab, data)
-    tokenizer = CFG.tokenizer()
+    save_checkpoint(checkpoint, model, CFG, data.vocab, data.config)
+    tokenizer = build_tokenizer(CFG.text)
     test = data.dataset("test", {export.ROLE: tokenizer})
     batch = test.collate(list(range(4)))
     example = {"pixel_values": batch["pixel_values"], "input_ids": batch[f"input_ids_{export.ROLE}"],
                "attention_mask": batch[f"attention_mask_{export.ROLE}"]}
-    folder = export.export_model(model, CFG, tokenizer, example, data.vocab.tasks, data.vocab.classes, 32, 24,
-                                 tmp / "exported", mask_terms=MASK)
+    folder = export.export_model(model, CFG, tokenizer, example, export.Preprocessing.of(data.config, data.vocab),
+                                 tmp / "exported")
     return {"tmp": tmp, "data": data, "model": model, "checkpoint": checkpoint, "folder": folder, "test": test}
 
 
@@ -171,7 +172,7 @@ def test_paired_speedup_alternates_and_bootstraps_the_pairs():
 
 
 def test_the_speedup_interval_is_the_studys_one_bootstrap_interval(monkeypatch):
-    """One percentile helper (medkd.stats) for every interval, at the study's one level."""
+    """One percentile helper (medkd.scoring.stats) for every interval, at the study's one level."""
     used = []
     real = export.percentile_interval
     monkeypatch.setattr(export, "percentile_interval", lambda *a, **k: used.append(a) or real(*a, **k))
@@ -184,8 +185,8 @@ def test_the_speedup_interval_is_the_studys_one_bootstrap_interval(monkeypatch):
 def test_a_students_stage_needs_its_teachers_export_read_as_it_reads_the_data(project, tmp_path):
     import copy
 
-    from medkd.data import DataConfig
-    from medkd.stages.common import Paths
+    from medkd.data.prepared import DataConfig
+    from medkd.pipeline.stage import Paths
     from medkd.stages.export import exported_teacher
     root, params = project
     config = DataConfig.from_dict({**params["data"]["medpix"], "root": str(root / params["data"]["medpix"]["root"])})
@@ -231,7 +232,7 @@ def test_predict_agrees_with_the_model_and_writes_probabilities(trained, tmp_pat
 
 
 def test_predict_masks_the_words_the_model_was_trained_without(trained):
-    from medkd.predict import load_predictor
+    from medkd.deploy.predictor import load_predictor
     predictor = load_predictor(trained["folder"])
     masked, _ = predictor.encode(["ct of the head", "MR image"])
     assert (masked == predictor.tokenizer.mask_token_id).sum(1).tolist() == [1, 1]
@@ -300,7 +301,7 @@ def test_predict_refuses_bad_input_with_one_line_and_writes_nothing(case, traine
 
 def test_predict_is_a_console_command_and_a_module(trained):
     _, images, texts = _caption_rows(trained["data"], 1)
-    for command in ([sys.executable, "-m", "medkd", "predict"], [sys.executable, "-m", "medkd.predict"]):
+    for command in ([sys.executable, "-m", "medkd", "predict"], [sys.executable, "-m", "medkd.deploy.predictor"]):
         done = subprocess.run([*command, str(trained["folder"]), "--image", images[0], "--text", texts[0]],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.startswith("modality: "), done.stderr[-2000:]
@@ -348,8 +349,8 @@ def test_export_form_computes_the_same_function_and_leaves_the_model_alone(train
 
 
 def test_the_shipped_run_is_the_best_variant_on_dev_then_its_best_seed():
+    from medkd.config.study import Run
     from medkd.stages.export import pick_run
-    from medkd.stages.runs import Run
 
     def m(dev, params=100):
         return {"dev": {"avg_f1": dev}, "parameters": params, "test": {"avg_f1": 0.0}}

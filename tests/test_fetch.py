@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import medkd.fetch as fetch
-from medkd.fetch import main
-from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
+import medkd.data.fetch as fetch
+from medkd.catalog.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.data.fetch import main
 
 COMMIT = "d3bc431576ec8041114806ec3eb58d75adf45029"
 

@@ -3,9 +3,10 @@ import stat
 
 import pytest
 
-from medkd.files import atomic_write, replace_dir, sha256_file, write_json
-from medkd.params import get_path, with_values
-from medkd.stages.schema import ParamsError, flatten_search_space
+from medkd.config.params import get_path
+from medkd.config.problems import ParamsError
+from medkd.config.stage_settings import flatten_search_space
+from medkd.util.files import atomic_write, replace_dir, sha256_file, write_json
 
 
 def test_atomic_write_gives_normal_modes_and_leaves_nothing_on_failure(tmp_path):
@@ -39,22 +40,19 @@ def test_sha256_file_matches_hashlib(tmp_path):
 
 
 def test_key_paths():
-    tree = {"loss": {"weights": {"kl": 0.5}, "temperature": 2.0}, "train": {}}
-    assert get_path(tree, "loss.weights.kl") == 0.5
-    assert get_path(tree, "loss.weights.crd", None) is None
-    with pytest.raises(KeyError, match="no key 'crd' under loss.weights"):
-        get_path(tree, "loss.weights.crd")
-    changed = with_values(tree, {"loss.weights.kl": 0.3, "train.lr": 1e-3, "model.fusion_dim": 256})
-    assert changed == {"loss": {"weights": {"kl": 0.3}, "temperature": 2.0}, "train": {"lr": 1e-3},
-                       "model": {"fusion_dim": 256}}
-    assert tree["loss"]["weights"]["kl"] == 0.5  # the original is untouched
+    tree = {"loss": {"kl": {"weight": 0.5, "temperature": 2.0}}, "train": {}}
+    assert get_path(tree, "loss.kl.weight") == 0.5
+    assert get_path(tree, "loss.crd.weight", None) is None
+    with pytest.raises(KeyError, match="no key 'crd' under loss"):
+        get_path(tree, "loss.crd.weight")
 
 
 def test_search_space_flattens_to_key_paths_in_order():
-    space = {"loss": {"weights": {"kl": {"type": "float", "low": 0.1, "high": 2.0}},
-                      "temperature": {"type": "float", "low": 1, "high": 6}},
+    space = {"loss.kl.weight": {"type": "float", "low": 0.1, "high": 2.0},
+             "loss": {"kl": {"temperature": {"type": "float", "low": 1, "high": 6}}},
              "train": {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
-             "model": {"fusion_dim": {"type": "categorical", "choices": [256, 384]}}}
-    assert list(flatten_search_space(space)) == ["loss.weights.kl", "loss.temperature", "train.lr", "model.fusion_dim"]
-    with pytest.raises(ParamsError, match="optuna.search_space.loss.temperature: expected a mapping"):
-        flatten_search_space({"loss": {"temperature": 3.0}})
+             "model.fusion_dim": {"type": "categorical", "choices": [256, 384]}}
+    assert list(flatten_search_space(space)) == ["loss.kl.weight", "loss.kl.temperature", "train.lr",
+                                                 "model.fusion_dim"]
+    with pytest.raises(ParamsError, match="optuna.search_space.loss.kl.temperature: expected a mapping"):
+        flatten_search_space({"loss": {"kl": {"temperature": 3.0}}})

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from medkd.synthetic import make_synthetic_medpix
 from test_pipeline import BIN, REPO, _project, _run
+
+from medkd.catalog.synthetic import make_synthetic_medpix
 
 EPOCHS = 4
 

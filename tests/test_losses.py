@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import loss_config, tiny_model
 
-from conftest import tiny_model
-from medkd.losses import TERMS, CombinedLoss, CRDLoss, FeatureMSELoss, LossConfig, LossContext, kd_kl_loss
+from medkd.config.loss_terms import LOSS_TERMS, LossConfig, TermConfig
+from medkd.engine.losses import CombinedLoss, CRDLoss, FeatureMSELoss, LossContext, kd_kl_loss, term_module
 
 
 def _softmax(x):
@@ -76,7 +77,7 @@ TEACHER_DIMS = {"img_dim": 12, "txt_dim": 10, "fusion_dim": 8}
 
 
 def _combined(weights=None, n=20, nce_k=5, **kw):
-    cfg = LossConfig(**({"weights": weights} if weights is not None else {}), nce_k=nce_k, **kw)
+    cfg = loss_config(weights, nce_k=nce_k, **kw)
     return CombinedLoss.from_config(cfg, LossContext(8, TEACHER_DIMS, n, joint_labels=torch.arange(n) % 4))
 
 
@@ -96,11 +97,11 @@ def test_total_is_weighted_sum_of_parts():
     assert parts["crd"].item() > 0
 
 
-def test_study_defaults():
-    cfg = LossConfig()
+def test_term_defaults_are_the_studys():
+    cfg = loss_config()
     assert cfg.weights == {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
-    assert (cfg.temperature, cfg.projection, cfg.feat_dim, cfg.nce_k, cfg.nce_t, cfg.nce_m) == (
-        3.19, "fixed", 128, 1024, 0.07, 0.5)
+    assert (cfg.kl.temperature, cfg.mse.projection, cfg.crd.feat_dim, cfg.crd.nce_k, cfg.crd.nce_t, cfg.crd.nce_m,
+            cfg.ce.class_weights) == (3.19, "fixed", 128, 1024, 0.07, 0.5, "none")
     loss = CombinedLoss.from_config(cfg, LossContext(8, TEACHER_DIMS, 2000))
     assert loss.weights == cfg.weights and list(loss.terms) == ["ce", "kl", "mse", "crd"]
     assert loss.terms["kl"].temperature == 3.19
@@ -108,13 +109,21 @@ def test_study_defaults():
     assert (crd.nce_k, crd.nce_t, crd.nce_m, crd.embed_s[0].out_features) == (1024, 0.07, 0.5, 128)
 
 
-def test_one_name_per_term_from_config_to_parts():
-    # params.yaml `loss.weights.<name>` -> LossConfig.weights[name] -> the part `name` (history `train_<name>`).
-    assert list(TERMS) == ["ce", "kl", "mse", "crd"]
-    with pytest.raises(ValueError, match=r"unknown term\(s\) \['alpha'\]"):
-        LossConfig(weights={"ce": 1.0, "alpha": 0.5})
-    with pytest.raises(ValueError, match="gamma\n  Unexpected keyword argument"):
-        LossConfig.from_dict({"gamma": 10.0})
+def test_one_registry_entry_per_term_from_params_to_parts():
+    # params.yaml `loss.<name>` -> its registry entry (keys, weight, module) -> the part `name` (`train_<name>`).
+    assert list(LOSS_TERMS) == ["ce", "kl", "mse", "crd"]  # build and summation order
+    assert set(LossConfig.model_fields) == set(LOSS_TERMS)
+    for name, term in LOSS_TERMS.items():
+        module = term_module(name)
+        assert issubclass(module, torch.nn.Module) and callable(module.from_config), name
+        assert issubclass(term.config, TermConfig) and "weight" in term.config.model_fields, name
+    assert [n for n, t in LOSS_TERMS.items() if t.reads_teacher] == ["kl", "mse", "crd"]
+    with pytest.raises(ValueError, match="alpha\n  Extra inputs are not permitted"):
+        LossConfig.from_dict({"ce": {"weight": 1.0}, "alpha": {"weight": 0.5}})
+    with pytest.raises(ValueError, match="kl.weight\n  Field required"):
+        LossConfig.from_dict({"ce": {"weight": 1.0}, "kl": {"temperature": 2.0}})
+    with pytest.raises(ValueError, match="at least one term with a weight above 0"):
+        LossConfig.from_dict({"ce": {"weight": 0.0}})
 
 
 def test_zero_or_absent_weight_builds_no_term_and_index_required_for_crd():
@@ -129,8 +138,8 @@ def test_zero_or_absent_weight_builds_no_term_and_index_required_for_crd():
 
 
 def test_ce_only_loss_needs_no_teacher():
-    cfg = LossConfig(weights={"ce": 1.0})
-    assert not cfg.uses_teacher and LossConfig().uses_teacher
+    cfg = loss_config({"ce": 1.0})
+    assert not cfg.uses_teacher and loss_config().uses_teacher
     loss = CombinedLoss.from_config(cfg, LossContext(8, None, 20))
     s = _outputs()
     y = torch.tensor([[0, 1], [1, 2], [0, 3], [1, 4], [1, 0], [0, 0]])
@@ -138,7 +147,7 @@ def test_ce_only_loss_needs_no_teacher():
     expected = F.cross_entropy(s["logits_modality"], y[:, 0]) + F.cross_entropy(s["logits_location"], y[:, 1])
     torch.testing.assert_close(parts["total"], expected)
     with pytest.raises(ValueError, match="no teacher dims"):
-        CombinedLoss.from_config(LossConfig(), LossContext(8, None, 20))
+        CombinedLoss.from_config(loss_config(), LossContext(8, None, 20))
 
 
 def test_teacher_gets_no_gradient(tiny_batch):
@@ -146,7 +155,7 @@ def test_teacher_gets_no_gradient(tiny_batch):
     args = (tiny_batch["pixel_values"], tiny_batch["input_ids"], tiny_batch["attention_mask"])
     t_out = teacher(*args)  # deliberately *with* autograd: the loss itself must cut the graph
     s_out = student(*args)
-    loss = CombinedLoss.from_config(LossConfig(nce_k=4), LossContext(
+    loss = CombinedLoss.from_config(loss_config(nce_k=4), LossContext(
         student.fusion_dim, {"img_dim": 32, "txt_dim": 32, "fusion_dim": 24}, 8, joint_labels=torch.arange(8) % 3))
     parts = loss(s_out, t_out, tiny_batch["labels"], tiny_batch["index"])
     parts["total"].backward()
@@ -160,7 +169,7 @@ def test_teacher_gets_no_gradient(tiny_batch):
 
 def test_loss_parameters_change_after_one_optimizer_step(tiny_batch):
     student = tiny_model(fusion_dim=16)
-    loss = CombinedLoss.from_config(LossConfig(nce_k=4, projection="learned"), LossContext(
+    loss = CombinedLoss.from_config(loss_config(nce_k=4, projection="learned"), LossContext(
         student.fusion_dim, {"img_dim": 20, "txt_dim": 18, "fusion_dim": 24}, 8, joint_labels=torch.arange(8) % 3))
     names = {n for n, _ in loss.named_parameters()}
     assert {"terms.crd.embed_s.0.weight", "terms.crd.embed_t.0.weight", "terms.mse.proj_img.weight",
@@ -272,7 +281,7 @@ def test_balanced_class_weighted_ce_by_hand():
     """class_weights: balanced -> mean_i(w[y_i] · CE_i) with w = n / (K · n_class) per task."""
     train_labels = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 2]])  # task 1: 3 of class 0, 1 of class 1
     ctx = LossContext(8, None, n_data=4, train_labels=train_labels, num_classes=(2, 3))
-    loss = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), ctx)
+    loss = CombinedLoss.from_config(loss_config({"ce": 1.0}, class_weights="balanced"), ctx)
     logits1 = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     logits2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.5, 0.5, 0.0]])
     labels = torch.tensor([[0, 0], [1, 2], [1, 1]])
@@ -284,11 +293,11 @@ def test_balanced_class_weighted_ce_by_hand():
         nll = [-(logits[i, labels[i, task]] - torch.logsumexp(logits[i], 0)) for i in range(3)]
         expected += sum(weights[int(labels[i, task])] * nll[i] for i in range(3)) / 3
     assert loss(out, None, labels)["ce"] == pytest.approx(float(expected), rel=1e-6)
-    plain = CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}), ctx)(out, None, labels)["ce"]
+    plain = CombinedLoss.from_config(loss_config({"ce": 1.0}), ctx)(out, None, labels)["ce"]
     unweighted = sum(torch.nn.functional.cross_entropy(logits, labels[:, t]) for t, logits in enumerate((logits1, logits2)))
     assert plain == pytest.approx(float(unweighted), rel=1e-7)
     with pytest.raises(ValueError, match="needs the training labels"):
-        CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), LossContext(8, None, 4))
+        CombinedLoss.from_config(loss_config({"ce": 1.0}, class_weights="balanced"), LossContext(8, None, 4))
     no_class_2 = LossContext(8, None, n_data=2, train_labels=torch.tensor([[0, 0], [1, 1]]), num_classes=(2, 3))
     with pytest.raises(ValueError, match=r"task 2 has no training sample of class\(es\) \[2\]"):
-        CombinedLoss.from_config(LossConfig(weights={"ce": 1.0}, class_weights="balanced"), no_class_2)
+        CombinedLoss.from_config(loss_config({"ce": 1.0}, class_weights="balanced"), no_class_2)

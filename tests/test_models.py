@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import tiny_model
-from medkd.models import OUTPUT_KEYS, CrossAttentionFusion, ModelConfig, build_model, count_parameters
+
+from medkd.models.classifier import OUTPUT_KEYS, CrossAttentionFusion, ModelConfig, build_model, count_parameters
 
 # The study's table (MedPix class counts 2 and 5), all with one fusion layer.
 STUDY_SIZES = {

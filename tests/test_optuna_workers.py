@@ -12,8 +12,8 @@ import optuna
 import pytest
 import yaml
 
-import medkd.stages.tune as tune_module
-from medkd.stages.tune import TRIAL_ERROR_ATTR, Search, optuna_stage
+import medkd.stages.search as tune_module
+from medkd.stages.search import TRIAL_ERROR_ATTR, Search, search_stage
 
 N_TRIALS = 6
 
@@ -46,7 +46,7 @@ def _two_workers_share_one_study(project, storage):
                for a in first for b in second)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == N_TRIALS  # no two trials drew the same values
     # The stage finds the study done, runs nothing more and reports the best of all recorded values.
-    run = optuna_stage(params, root)
+    run = search_stage(params, root)
     assert len(run["study"].trials) == N_TRIALS
     complete = [t for t in run["study"].trials if t.state == states.COMPLETE]
     assert run["best"].value == max(t.value for t in complete)
@@ -73,7 +73,7 @@ def test_a_failing_trial_is_recorded_as_failed_and_counts(project, tmp_path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tune_module, "distill_student", fails_second)
-    run = optuna_stage(params, root)
+    run = search_stage(params, root)
     trials = run["study"].trials
     assert len(trials) == N_TRIALS and len(calls) == N_TRIALS
     assert trials[1].state == optuna.trial.TrialState.FAIL
@@ -97,7 +97,7 @@ def test_stage_workers_run_beside_it_on_this_machine(project, tmp_path, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tune_module, "distill_student", slow)
-    run = optuna_stage(params, root)
+    run = search_stage(params, root)
     trials = run["study"].trials
     assert len(trials) == N_TRIALS
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}

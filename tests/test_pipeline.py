@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
-from medkd.metrics import load_run
-from medkd.models import ModelConfig, build_model
-from medkd.presets import load_overlay, merge
-from medkd.stages.runs import variants
-from medkd.stages.schema import student_configs
-from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.catalog.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.config.presets import load_overlay, merge
+from medkd.config.sections import student_configs
+from medkd.config.study import variants
+from medkd.models.classifier import ModelConfig, build_model
+from medkd.scoring.metrics import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,7 +59,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     root, log = pipeline
     params = yaml.safe_load((root / "params.yaml").read_text())
     stages = [f"prepare@{d}" for d in params["data"]] + [f"teacher@{d}" for d in params["teachers"]]
-    stages += [f"distill@{s}" for s in params["students"]] + ["optuna", "report"]
+    stages += [f"distill@{s}" for s in params["students"]] + ["search", "report"]
     stages += [f"export-teacher@{d}" for d in params["teachers"]] + [f"export@{s}" for s in params["students"]]
     assert "Running stage 'check'" in log and "params.yaml: OK" in log
     for stage in stages:
@@ -69,7 +69,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
                 if re.search(r"(?i)error|warning|traceback|exception|interrupt|died|encryption", line)]
     assert alarming == []
     assert log.count("stage done: reports/notebooks/") == len(stages)  # one per notebook stage
-    for name in ("prepare-medpix", "teacher-wound", "distill-tiny-c", "optuna", "report"):
+    for name in ("prepare-medpix", "teacher-wound", "distill-tiny-c", "search", "report"):
         nb = json.loads((root / "reports" / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), name
     for item in ("results.md", "table_medpix.csv", "table_wound.csv", "hyperparameters.csv", "intervals_medpix.csv",
@@ -128,7 +128,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     assert "**int8 costs at most 0.01 avg F1**: met by " in results
     assert json.loads((root / "models" / "export" / "tiny-a-masked" / "preprocessing.json").read_text())["text"][
         "mask_terms"][:2] == ["CT", "MR"]
-    assert (root / "reports" / "optuna" / "optimization_history.png").exists()
+    assert (root / "reports" / "results" / "optimization_history.png").exists()
     assert (root / "reports" / "data" / "wound" / "manifest_test.csv").exists()
     assert (root / "models" / "medpix" / "teacher_cache.pt").exists()
     # Outputs get normal modes (the umask's), not a temporary file's private 0600.
@@ -247,7 +247,7 @@ def test_paper_preset_parses_builds_its_dag_and_models(tmp_path):
     assert params["data"]["medpix"]["image_size"] == 224 and params["distill"]["train"]["epochs"] == 10
     root = _project(tmp_path, path)
     dag = _run(["dvc", "dag", "--md"], root)
-    for stage in ("prepare@wound", "teacher@medpix", "distill@wound-deit-tiny-minilm", "optuna", "report"):
+    for stage in ("prepare@wound", "teacher@medpix", "distill@wound-deit-tiny-minilm", "search", "report"):
         assert stage in dag
     with torch.device("meta"):
         for dataset, teacher in params["teachers"].items():
@@ -282,5 +282,5 @@ def test_full_preset_is_the_ci_study_at_full_scale(tmp_path):
         full["data"]["medpix-masked"]["mask_terms"])
     root = _project(tmp_path, path)
     dag = _run(["dvc", "dag", "--md"], root)
-    for stage in ("teacher@medpix-masked", "distill@mobilenetv2-minilm-masked", "optuna", "report"):
+    for stage in ("teacher@medpix-masked", "distill@mobilenetv2-minilm-masked", "search", "report"):
         assert stage in dag

@@ -7,19 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medkd import presets
-from medkd.stages.schema import check_params
+from medkd.config import presets
+from medkd.config.merge import merge
+from medkd.config.schema import check_params
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["configs/full.yaml", "configs/paper.yaml"]
-
-
-def test_overlay_merges_mappings_replaces_values_and_removes_nulls():
-    base = {"a": {"x": 1, "y": [1, 2], "z": {"k": "v"}}, "b": 2, "c": 3}
-    overlay = {"a": {"y": [3], "z": {"new": True}, "w": 0.5}, "b": None, "d": {"e": "f"}}
-    assert presets.merge(base, overlay) == {"a": {"x": 1, "y": [3], "z": {"k": "v", "new": True}, "w": 0.5},
-                                            "c": 3, "d": {"e": "f"}}
-    assert base == {"a": {"x": 1, "y": [1, 2], "z": {"k": "v"}}, "b": 2, "c": 3}  # untouched
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -31,7 +24,7 @@ def test_dvc_applies_the_presets_overrides_to_exactly_the_merged_params(preset, 
     overlay = presets.load_overlay(REPO / preset)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(tmp_path / "params.yaml", presets.overrides(base, overlay))
-    merged = presets.merge(base, overlay)
+    merged = merge(base, overlay)
     assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == merged
     assert check_params(merged) == [] and merged["preset"] == overlay["preset"] == Path(preset).stem
 
@@ -52,7 +45,7 @@ def test_a_preset_states_only_what_differs():
 
 
 def test_the_masked_teacher_of_the_full_preset_is_the_medpix_teacher():
-    merged = presets.merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+    merged = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                            presets.load_overlay(REPO / "configs/full.yaml"))
     assert merged["teachers"]["medpix-masked"] == merged["teachers"]["medpix"]
     masked, plain = merged["data"]["medpix-masked"], merged["data"]["medpix"]

@@ -7,12 +7,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
-from medkd.config import ModelConfig, TrainConfig
-from medkd.data import DataConfig, PreparedData
-from medkd.metrics import load_run
-from medkd.models import build_model
-from medkd.probe import linear_probe, pooled_features, write_probe
-from medkd.synthetic import make_synthetic_medpix
+from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.config.configs import ModelConfig, TrainConfig
+from medkd.data.prepared import DataConfig, PreparedData
+from medkd.engine.probe import linear_probe, pooled_features, write_probe
+from medkd.models.classifier import build_model
+from medkd.scoring.metrics import load_run
 
 MODEL = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_heads=2, vision_train_blocks=1, text_train_blocks=1)
 CFG = TrainConfig(eval_batch_size=16, precision="fp32")

@@ -7,10 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from medkd.report import data as data_report
-from medkd.report import figures, page, plots, tables
-from medkd.data import DataConfig, PreparedData
-from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.catalog.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.data.prepared import DataConfig, PreparedData
+from medkd.reporting import data_report, figures, page, plots, tables
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -60,11 +59,13 @@ def test_hyperparameter_table_reads_each_row_at_its_key_path():
 teachers: {medpix: {model: {dropout: 0.185}, train: {lr: 4.79e-05}}}
 distill:
   tuned: {model: {fusion_dim: 384, fusion_layers: 2, fusion_heads: 4, dropout: 0.238},
-          loss: {weights: {ce: 1.0, kl: 0.518, mse: 112.4, crd: 10.0}, temperature: 3.19}, train: {lr: 1.05e-04}}
+          loss: {ce: {weight: 1.0}, kl: {weight: 0.518, temperature: 3.19}, mse: {weight: 112.4}, crd: {weight: 10.0}},
+          train: {lr: 1.05e-04}}
   baseline: {model: {fusion_dim: 256, fusion_layers: 1, fusion_heads: 8, dropout: 0.1},
-             loss: {weights: {ce: 1.0, kl: 1.0, mse: 100.0, crd: 10.0}, temperature: 2.0}, train: {lr: 3.0e-04}}
+             loss: {ce: {weight: 1.0}, kl: {weight: 1.0, temperature: 2.0}, mse: {weight: 100.0}, crd: {weight: 10.0}},
+             train: {lr: 3.0e-04}}
 """)
-    best = {"params": {"loss.weights.kl": 0.3123, "model.fusion_layers": 3}}
+    best = {"params": {"loss.kl.weight": 0.3123, "model.fusion_layers": 3}}
     table = tables.hyperparameter_table(params, best).set_index("Parameter")
     assert table.loc["KL weight (alpha)"].tolist() == ["1", "0.518", "0.312"]
     assert table.loc["MSE weight (beta)"].tolist() == ["100", "112", ""]
@@ -311,18 +312,35 @@ def test_loss_drivers_average_each_terms_value_and_gradient_share(tmp_path):
     assert (tmp_path / "drivers.png").read_bytes().startswith(PNG)
 
 
-def test_search_history_marks_pruned_trials_and_the_start_up(tmp_path):
+def test_search_figures_are_drawn_from_what_the_search_stage_wrote(tmp_path):
+    """Stage search writes trials.csv and importances.json; the report draws the figures from them."""
     import optuna
+
+    from medkd.stages.search import importances, trials_table
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for k in range(5):
-        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-        trial.report(0.1 * k, 1)
-        study.tell(trial, 0.1 * k if k != 3 else None,
-                   state=optuna.trial.TrialState.PRUNED if k == 3 else optuna.trial.TrialState.COMPLETE)
-    figures.plot_optuna(study, tmp_path, n_startup_trials=2)
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1),
+                           "y": optuna.distributions.FloatDistribution(0, 1)})
+        trial.report(0.1 * k + 0.01, 1)
+        if k == 3:
+            study.tell(trial, None, state=optuna.trial.TrialState.PRUNED)
+        else:
+            trial.report(0.1 * k, 2)
+            study.tell(trial, 0.1 * k)
+    trials = trials_table(study)
+    assert trials.loc[3, "state"] == "PRUNED" and trials.loc[3, "last_epoch"] == 1
+    assert trials.loc[3, "last_epoch_value"] == pytest.approx(0.31)
+    assert trials.loc[4, "last_epoch"] == 2 and trials.loc[4, "last_epoch_value"] == pytest.approx(0.4)
+    found = importances(study, seed=0)
+    assert found["complete_trials"] == 4 and set(found["importances"]) == {"x", "y"}
+    assert importances(study, seed=0) == found  # seeded: the same study, the same numbers
+    trials.to_csv(tmp_path / "trials.csv", index=False)
+    figures.plot_search(pd.read_csv(tmp_path / "trials.csv"), found, tmp_path, n_startup_trials=2)
     assert (tmp_path / "optimization_history.png").read_bytes().startswith(PNG)
     assert (tmp_path / "param_importances.png").read_bytes().startswith(PNG)
+    figures.plot_importances({"complete_trials": 1, "importances": None, "reason": "too few"}, tmp_path / "none.png")
+    assert (tmp_path / "none.png").read_bytes().startswith(PNG)
 
 
 def _differences(rows) -> pd.DataFrame:

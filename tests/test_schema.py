@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medkd.stages.schema import ParamsError, check_params, student_configs, teacher_configs, validate_params
+from medkd.config.problems import ParamsError
+from medkd.config.schema import check_params, validate_params
+from medkd.config.sections import student_configs, teacher_configs, teacher_loss_config
 
 REPO = Path(__file__).resolve().parents[1]
 CI = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
@@ -21,7 +23,8 @@ def problems_after(change) -> dict[str, str]:
 
 
 def test_committed_configs_fit_the_schema():
-    from medkd.presets import load_overlay, merge
+    from medkd.config.merge import merge
+    from medkd.config.presets import load_overlay
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     for name in ("params.yaml", "configs/ci.yaml"):
         assert check_params(yaml.safe_load((REPO / name).read_text())) == [], name
@@ -98,24 +101,28 @@ def test_registry_names_and_loss_terms():
     def bad(p):
         p["students"]["tiny-b"]["vision"] = "deit-smal"
         p["teachers"]["wound"]["model"]["text"] = "mobilenetv2"
-        p["distill"]["tuned"]["loss"]["weights"]["klx"] = 1.0
+        p["distill"]["tuned"]["loss"]["klx"] = {"weight": 1.0}
         p["data"]["wound"]["name"] = "wounds"
     found = problems_after(bad)
     assert found["students.tiny-b.vision"].startswith("unknown vision backbone 'deit-smal' (did you mean 'deit-small'?)")
     assert found["teachers.wound.model.text"].startswith("unknown text backbone 'mobilenetv2'")
-    assert found["distill.tuned.loss.weights"].startswith("unknown term(s) ['klx'] (did you mean 'kl'?)")
+    assert found["distill.tuned.loss.klx"] == "unknown key (did you mean 'kl'?); expected one of: ce, kl, mse, crd"
     assert found["data.wound.name"].startswith("unknown data set 'wounds' (did you mean 'wound'?)")
 
 
 def test_search_space_paths_and_ranges():
     def bad(p):
         space = p["optuna"]["search_space"]
-        space["loss"]["temprature"] = space["loss"].pop("temperature")
+        space["loss.kl.temprature"] = space.pop("loss.kl.temperature")
+        space["loss.kll.weight"] = {"type": "float", "low": 0.1, "high": 1.0}
+        space["loss.crd"] = {"type": "float", "low": 0.1, "high": 1.0}
         space["model"]["dropout"] = {"type": "float", "low": 0.1, "high": 1.5}
-        space["train"]["lr"]["low"] = 1.0  # above high
+        space["train.lr"]["low"] = 1.0  # above high
     found = problems_after(bad)
-    assert found["optuna.search_space.loss.temprature"].startswith("'temprature' is not a loss setting (did you mean "
-                                                                   "'temperature'?)")
+    assert found["optuna.search_space.loss.kl.temprature"].startswith(
+        "'temprature' is not a setting of loss.kl (did you mean 'temperature'?); expected one of: weight, temperature")
+    assert found["optuna.search_space.loss.kll.weight"].startswith("'kll' is not a setting of loss (did you mean 'kl'?)")
+    assert found["optuna.search_space.loss.crd"].startswith("'loss.crd' is a section; a search-space leaf sets one")
     assert found["optuna.search_space.model.dropout"] == "value 1.5: Input should be less than 1 (got 1.5)"
     assert found["optuna.search_space.train.lr"].startswith("needs low < high")
 
@@ -155,12 +162,12 @@ def test_check_params_command(tmp_path):
 
 
 def test_check_params_refuses_bf16_that_this_cpu_would_emulate(tmp_path, monkeypatch, capsys):
-    import medkd.environment
-    from medkd.cli import check_params_command
+    import medkd.util.environment
+    from medkd.stages.check import check_params_command
     params = copy.deepcopy(CI)
     params["runtime"] = {**params.get("runtime", {}), "device": "cpu", "precision": "bf16"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setattr(medkd.environment, "cpu_runs_bf16_natively", lambda: False)
+    monkeypatch.setattr(medkd.util.environment, "cpu_runs_bf16_natively", lambda: False)
     assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 2 and not (tmp_path / "ok").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no bf16 instructions" in err[0] and "Set runtime.precision: fp32" in err[0]
@@ -170,25 +177,25 @@ def test_check_params_refuses_bf16_that_this_cpu_would_emulate(tmp_path, monkeyp
     assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 0 and (tmp_path / "ok").exists()
     params["runtime"]["precision"] = "bf16"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setattr(medkd.environment, "cpu_runs_bf16_natively", lambda: True)
+    monkeypatch.setattr(medkd.util.environment, "cpu_runs_bf16_natively", lambda: True)
     assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 0 and (tmp_path / "ok").exists()
 
 
 def test_variants_are_the_entries_of_distill_and_start_from_their_base():
-    from medkd.stages.runs import variants
+    from medkd.config.study import variants
     assert variants(CI)[:3] == ["tuned", "baseline", "no-kd"]
     tuned_model, _, tuned_train = student_configs(CI, "tiny-a", "tuned")
     model, loss, train = student_configs(CI, "tiny-a", "no-kd")
     assert model == tuned_model and train == tuned_train  # same model and schedule as tuned
     assert loss.weights == {"ce": 1.0} and loss.active_terms == ["ce"]  # no teacher term
     params = copy.deepcopy(CI)
-    params["distill"]["kl-big"] = {"base": "tuned", "loss": {"weights": {"ce": 1.0, "kl": 1.0}}}
+    params["distill"]["kl-big"] = {"base": "tuned", "loss": {"kl": {"weight": 1.0}, "mse": None, "crd": None}}
     assert variants(params)[-1] == "kl-big" and check_params(params) == []
     assert student_configs(params, "tiny-a", "kl-big")[1].weights == {"ce": 1.0, "kl": 1.0}
 
 
 def test_runs_expand_variants_by_their_students_and_seeds():
-    from medkd.stages.runs import Run, student_runs
+    from medkd.config.study import Run, student_runs
     # tiny-a is optuna.student (the primary student): tuned, no-kd and kl-only (Hinton KD) on seeds.primary,
     # the other ablations (students: primary) once; the other students take tuned, baseline, no-kd once.
     assert student_runs(CI, "tiny-a") == [
@@ -219,10 +226,16 @@ def test_seed_and_variant_scope_problems_are_named():
 
 
 def test_a_teachers_loss_may_weigh_classes_but_never_distil():
-    from medkd.stages.schema import teacher_loss_config
     assert teacher_loss_config(CI, "medpix").active_terms == ["ce"]  # no `loss:`: plain CE
     params = copy.deepcopy(CI)
-    params["teachers"]["medpix"]["loss"] = {"class_weights": "balanced"}
-    assert teacher_loss_config(params, "medpix").class_weights == "balanced" and check_params(params) == []
-    params["teachers"]["medpix"]["loss"] = {"weights": {"ce": 1.0, "kl": 0.5}}
-    assert {p.path for p in check_params(params)} == {"teachers.medpix.loss.weights"}
+    params["teachers"]["medpix"]["loss"] = {"ce": {"class_weights": "balanced"}}
+    loss = teacher_loss_config(params, "medpix")
+    assert loss.ce.class_weights == "balanced" and loss.weights == {"ce": 1.0} and check_params(params) == []
+    params["teachers"]["medpix"]["loss"] = {"kl": {"weight": 0.5}}
+    assert {p.path for p in check_params(params)} == {"teachers.medpix.loss"}
+
+
+def test_the_loss_keys_of_before_say_where_they_went():
+    found = problems_after(lambda p: p["distill"]["baseline"].update(loss={"weights": {"ce": 1.0}, "temperature": 2}))
+    assert found["distill.baseline.loss.weights"].startswith("no longer a key: each term has its own section")
+    assert found["distill.baseline.loss.temperature"] == "no longer a key here: loss.kl.temperature"

@@ -12,31 +12,31 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
-import medkd.stages.tune as tune_module
 from conftest import free_port
-from medkd.stages.common import Paths, open_stage
-from medkd.datasets import DataError
+
+import medkd.stages.search as tune_module
+from medkd.catalog.dataset_specs import DataError
+from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.config.problems import ParamsError
+from medkd.config.study import student_runs
+from medkd.engine.loop import TrainingInterrupted
+from medkd.pipeline.stage import Paths, open_stage
 from medkd.stages.distill import distill_stage
 from medkd.stages.prepare import prepare_stage
-from medkd.stages.results import read_deployments
-from medkd.stages.runs import student_runs
-from medkd.stages.schema import ParamsError
-from medkd.stages.tune import optuna_stage
-from medkd.synthetic import make_synthetic_medpix
-from medkd.train import TrainingInterrupted
+from medkd.stages.report import read_deployments
+from medkd.stages.search import search_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_open_stage_refuses_bad_params_with_their_key_paths(project, tmp_path):
+def test_a_stage_names_a_bad_value_of_the_sections_it_reads(project):
+    """The check stage checks params.yaml whole before any other stage (dvc.yaml); a stage run by itself
+    still refuses a bad value in a section it reads, by its key path, before it trains."""
     root, params = project
-    (tmp_path / "dvc.yaml").write_text("")
     bad = yaml.safe_load(yaml.safe_dump(params))
     bad["distill"]["tuned"]["train"]["lr"] = "fast"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ParamsError, match=r"1 problem\n  distill.tuned.train.lr: Input should be a valid number"):
-        open_stage(tmp_path)
+        distill_stage(bad, "tiny-a", root)
     assert open_stage(root).params == params
 
 
@@ -73,7 +73,7 @@ def test_distill_stage_resumes_a_killed_variant_and_keeps_the_finished_one(proje
     assert not list((paths.state() / "resume").glob("distill-tiny-a-*"))  # cleared when the stage finished
 
 
-def test_a_killed_optuna_stage_continues_with_the_remaining_trials(project, monkeypatch):
+def test_a_killed_search_stage_continues_with_the_remaining_trials(project, monkeypatch):
     root, params = project
     params = yaml.safe_load(yaml.safe_dump(params))
     params["optuna"]["retrain_best"] = False
@@ -88,9 +88,9 @@ def test_a_killed_optuna_stage_continues_with_the_remaining_trials(project, monk
 
     monkeypatch.setattr(tune_module, "distill_student", killed_in_second_trial)
     with pytest.raises(KeyboardInterrupt):
-        optuna_stage(params, root)
+        search_stage(params, root)
     monkeypatch.setattr(tune_module, "distill_student", real)
-    run = optuna_stage(params, root)
+    run = search_stage(params, root)
     states = [t.state for t in run["study"].trials]
     assert states[0] == optuna.trial.TrialState.COMPLETE  # the first trial's result was kept, not re-run
     assert states[1] == optuna.trial.TrialState.FAIL  # the interrupted one is recorded as such
@@ -99,8 +99,8 @@ def test_a_killed_optuna_stage_continues_with_the_remaining_trials(project, monk
     first_values = run["study"].trials[0].params
     assert all(t.params != first_values for t in run["study"].trials[2:])  # no start-up value drawn twice
     # Another search space is another study: its trials never mix with these.
-    params["optuna"]["search_space"]["loss"]["temperature"]["high"] = 5.0
-    other = optuna_stage(params, root)
+    params["optuna"]["search_space"]["loss.kl.temperature"]["high"] = 5.0
+    other = search_stage(params, root)
     assert other["study"].study_name != run["study"].study_name
     assert len(other["study"].trials) == params["optuna"]["n_trials"]
 

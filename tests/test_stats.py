@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from medkd.stats import macro_f1_resampled, paired_intervals, resample_weights
+from medkd.scoring.stats import macro_f1_resampled, paired_intervals, resample_weights
 
 
 def _frame(true, pred, ids=None):

@@ -4,17 +4,18 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import loss_config
 
-from medkd.backbones import build_tokenizer
-from medkd.data import DataConfig, PreparedData, make_loader
-from medkd.losses import LossConfig
-from medkd.metrics import metrics_from_predictions
-from medkd.models import ModelConfig
-from medkd.synthetic import make_synthetic_medpix, make_synthetic_wound
-from medkd.train import (
-    Distillation, TeacherSource, TrainConfig, TrainingInterrupted, build_teacher_cache, distill_student,
-    load_checkpoint, load_or_build_teacher_cache, predict, train_teacher,
-)
+from medkd.catalog.synthetic import make_synthetic_medpix, make_synthetic_wound
+from medkd.config.configs import TrainConfig
+from medkd.data.prepared import DataConfig, PreparedData, make_loader
+from medkd.engine.evaluation import model_outputs
+from medkd.engine.loop import Distillation, TeacherSource, TrainingInterrupted, distill_student, train_teacher
+from medkd.engine.teacher_cache import build_teacher_cache, load_or_build_teacher_cache
+from medkd.models.backbones import build_tokenizer
+from medkd.models.checkpoint import load_checkpoint
+from medkd.models.classifier import ModelConfig
+from medkd.scoring.metrics import metrics_from_predictions
 
 TEACHER = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=24, fusion_heads=2, dropout=0.1)
 STUDENT = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, fusion_heads=2, dropout=0.2)
@@ -52,7 +53,7 @@ def test_checkpoint_rebuilds_the_model(teacher_run, data):
     assert payload["vocab"]["classes"][0] == ["CT", "MR"]
     assert payload["model_config"] == TEACHER.to_dict()
     loader = make_loader(data.dataset("dev", {"teacher": build_tokenizer("tiny-bert")}), 16, shuffle=False)
-    out = predict(model, loader, torch.device("cpu"), "teacher", bf16=False)
+    out = model_outputs(model, loader, torch.device("cpu"), "teacher", bf16=False)
     frame = pd.read_csv(teacher_run.checkpoint.parent / "predictions_dev.csv")
     pred = [data.vocab.classes[0][i] for i in out["logits_modality"].argmax(1)]
     assert pred == frame["modality_pred"].tolist()
@@ -79,9 +80,9 @@ def test_cache_is_keyed_by_teacher_and_preprocessing(teacher_run, data, tmp_path
     path = tmp_path / "cache.pt"
     first = load_or_build_teacher_cache(teacher_run.checkpoint, data, FAST, path)
     calls = []
-    import medkd.train as train_module
-    real_build = train_module.build_teacher_cache
-    monkeypatch.setattr(train_module, "build_teacher_cache", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    import medkd.engine.teacher_cache as cache_module
+    real_build = cache_module.build_teacher_cache
+    monkeypatch.setattr(cache_module, "build_teacher_cache", lambda *a, **k: calls.append(1) or real_build(*a, **k))
     assert load_or_build_teacher_cache(teacher_run.checkpoint, data, FAST, path)["key"] == first["key"]
     assert calls == []  # reused
     resized = PreparedData.load(DataConfig("medpix", data.config.root, image_size=24, max_length=32))
@@ -97,10 +98,11 @@ def test_cache_is_keyed_by_teacher_and_preprocessing(teacher_run, data, tmp_path
 
 
 def test_cache_key_covers_everything_that_changes_teacher_outputs(teacher_run, data, tmp_path):
-    from medkd.backbones import tiny_vocab
-    from medkd.synthetic import make_synthetic_medpix
-    from medkd.train import teacher_cache_key
     from transformers import BertTokenizer
+
+    from medkd.catalog.synthetic import make_synthetic_medpix
+    from medkd.engine.teacher_cache import teacher_cache_key
+    from medkd.models.backbones import tiny_vocab
     payload = torch.load(teacher_run.checkpoint, weights_only=False)
     tokenizer = build_tokenizer("tiny-bert")
     base = teacher_cache_key(payload, data, tokenizer, bf16=False)
@@ -146,7 +148,7 @@ def test_cache_key_covers_everything_that_changes_teacher_outputs(teacher_run, d
 def test_distillation_leaves_teacher_bit_identical(teacher_run, data, tmp_path, use_cache):
     before = torch.load(teacher_run.checkpoint, weights_only=False)["state_dict"]
     source = TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt", live=not use_cache)
-    result = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path, source))
+    result = distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), FAST, tmp_path, source))
     after = torch.load(teacher_run.checkpoint, weights_only=False)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "cache.pt").exists() == use_cache
@@ -159,7 +161,7 @@ def test_distillation_leaves_teacher_bit_identical(teacher_run, data, tmp_path, 
 
 
 def test_live_teacher_stays_frozen_during_the_epoch(teacher_run, data, tmp_path, monkeypatch):
-    import medkd.train as train_module
+    import medkd.engine.loop as train_module
     seen = {}
     real_load = train_module.load_checkpoint
 
@@ -169,7 +171,7 @@ def test_live_teacher_stays_frozen_during_the_epoch(teacher_run, data, tmp_path,
         return model, payload
 
     monkeypatch.setattr(train_module, "load_checkpoint", spy)
-    distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path,
+    distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), FAST, tmp_path,
                                        TeacherSource(teacher_run.checkpoint, live=True)))
     teacher = seen["teacher"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -178,11 +180,11 @@ def test_live_teacher_stays_frozen_during_the_epoch(teacher_run, data, tmp_path,
 
 def test_same_seed_same_metrics(teacher_run, data, tmp_path):
     source = TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")
-    runs = [distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path / str(i), source))
+    runs = [distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), FAST, tmp_path / str(i), source))
             for i in range(2)]
     assert runs[0].history[0]["train_total"] == runs[1].history[0]["train_total"]
     assert runs[0].test == runs[1].test
-    other = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8),
+    other = distill_student(data, Distillation(STUDENT, loss_config(nce_k=8),
                                                TrainConfig(**{**FAST.to_dict(), "seed": 8}), tmp_path / "other",
                                                source))
     assert other.history[0]["train_total"] != runs[0].history[0]["train_total"]
@@ -191,9 +193,9 @@ def test_same_seed_same_metrics(teacher_run, data, tmp_path):
 def test_augmentation_runs_the_teacher_live(teacher_run, data, tmp_path):
     cfg = TrainConfig(**{**FAST.to_dict(), "augment": True})
     with pytest.raises(ValueError, match="cannot serve randomly augmented"):
-        distill_student(data, Distillation(STUDENT, LossConfig(), cfg, tmp_path,
+        distill_student(data, Distillation(STUDENT, loss_config(), cfg, tmp_path,
                                            TeacherSource(teacher_run.checkpoint, live=False)))
-    result = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), cfg, tmp_path,
+    result = distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), cfg, tmp_path,
                                                 TeacherSource(teacher_run.checkpoint)))
     assert not (tmp_path / "teacher_cache.pt").exists() and result.best_epoch == 1
 
@@ -202,7 +204,7 @@ def test_wound_layout_end_to_end(tmp_path):
     root = make_synthetic_wound(tmp_path / "wound", sizes=(24, 8, 8), image_size=32)
     data = PreparedData.load(DataConfig("wound", str(root), image_size=32, max_length=32))
     teacher = train_teacher(data, TEACHER, FAST, tmp_path / "t")
-    student = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), FAST, tmp_path / "s",
+    student = distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), FAST, tmp_path / "s",
                                                  TeacherSource(teacher.checkpoint)))
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert metrics["tasks"] == ["type", "severity"] and set(metrics["test"]) >= {"type", "severity", "avg_f1"}
@@ -210,7 +212,7 @@ def test_wound_layout_end_to_end(tmp_path):
 
 
 def test_fingerprint_covers_scalar_and_integer_buffers():
-    from medkd.train import state_fingerprint
+    from medkd.engine.loop import state_fingerprint
     a = {"w": torch.ones(2, 2), "bn.num_batches_tracked": torch.tensor(3)}
     b = {"w": torch.ones(2, 2), "bn.num_batches_tracked": torch.tensor(4)}
     assert state_fingerprint(a) == state_fingerprint(dict(a)) != state_fingerprint(b)
@@ -230,7 +232,7 @@ def test_interrupted_distillation_resumes_to_the_identical_result(teacher_run, d
     cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 3, "train_by_length": train_by_length})
     student = dataclasses.replace(STUDENT, vision_train_blocks=trunks, text_train_blocks=trunks)
     resume = tmp_path / "state" / "resume.pt"
-    run = Distillation(student, LossConfig(nce_k=8), cfg, tmp_path / "cut",
+    run = Distillation(student, loss_config(nce_k=8), cfg, tmp_path / "cut",
                        TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt"), resume_path=resume)
     full = distill_student(data, dataclasses.replace(run, out_dir=tmp_path / "full", resume_path=None))
     with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2 of 3: epochs 1-1 are saved in .*resume.pt"):
@@ -255,7 +257,7 @@ def test_interrupted_teacher_resumes_to_the_identical_result(data, tmp_path):
     cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})
     full = train_teacher(data, TEACHER, cfg, tmp_path / "full")
     resume = tmp_path / "resume.pt"
-    import medkd.train as train_module
+    import medkd.engine.loop as train_module
     real_fit = train_module._fit
     calls = []
 
@@ -278,14 +280,14 @@ def test_state_of_another_run_is_not_resumed(teacher_run, data, tmp_path):
     cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})
     resume = tmp_path / "resume.pt"
     with pytest.raises(TrainingInterrupted):
-        distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), cfg, tmp_path / "a",
+        distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), cfg, tmp_path / "a",
                                            TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt"),
                                            resume_path=resume, report_epoch=_interrupt_after(1)))
     other = TrainConfig(**{**cfg.to_dict(), "lr": 5e-4})  # another learning rate: another run
-    run = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), other, tmp_path / "b",
+    run = distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), other, tmp_path / "b",
                                              TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt"),
                                              resume_path=resume))
-    fresh = distill_student(data, Distillation(STUDENT, LossConfig(nce_k=8), other, tmp_path / "c",
+    fresh = distill_student(data, Distillation(STUDENT, loss_config(nce_k=8), other, tmp_path / "c",
                                                TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")))
     assert [r["train_total"] for r in run.history] == [r["train_total"] for r in fresh.history]
 
@@ -310,7 +312,7 @@ def test_padding_is_ignored_to_fp32_precision(teacher_run, data):
 
 def test_speed_switches_keep_outputs_within_tolerance(teacher_run, data):
     """Length-sorted evaluation batches and channels-last give the same predictions (fp32, 1e-5)."""
-    from medkd.train import evaluate
+    from medkd.engine.loop import evaluate
     model, _ = load_checkpoint(teacher_run.checkpoint)
     tokenizer = build_tokenizer("tiny-bert")
     plain = TrainConfig(**{**FAST.to_dict(), "channels_last": False, "eval_by_length": False, "eval_batch_size": 5})
@@ -326,8 +328,8 @@ def test_speed_switches_keep_outputs_within_tolerance(teacher_run, data):
 
 def test_compiled_training_model_keeps_its_checkpoint_keys():
     """`compile: true` compiles in place: checkpoints keep the plain parameter names."""
-    from medkd.models import build_model
-    from medkd.train import _trainable
+    from medkd.engine.loop import _trainable
+    from medkd.models.classifier import build_model
     plain = build_model(STUDENT, (2, 5), pretrained=False)
     compiled = _trainable(build_model(STUDENT, (2, 5), pretrained=False),
                           TrainConfig(**{**FAST.to_dict(), "compile": True}))
@@ -337,15 +339,18 @@ def test_compiled_training_model_keeps_its_checkpoint_keys():
 
 def test_no_kd_control_reads_runs_and_caches_no_teacher(data, tmp_path, monkeypatch):
     """CE only (the no-KD control): the teacher checkpoint may not even exist; nothing teacher-side runs."""
-    import medkd.train as train_module
+    import medkd.engine.loop as train_module
+    import medkd.engine.teacher_cache as cache_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the no-KD control touched the teacher")
 
-    for name in ("load_checkpoint", "read_checkpoint", "load_or_build_teacher_cache", "build_teacher_cache"):
+    for name in ("load_checkpoint", "load_or_build_teacher_cache"):
         monkeypatch.setattr(train_module, name, forbidden)
+    for name in ("read_checkpoint", "build_teacher_cache"):
+        monkeypatch.setattr(cache_module, name, forbidden)
     cache = tmp_path / "cache.pt"
-    run = distill_student(data, Distillation(STUDENT, LossConfig(weights={"ce": 1.0}), FAST, tmp_path / "no-kd",
+    run = distill_student(data, Distillation(STUDENT, loss_config({"ce": 1.0}), FAST, tmp_path / "no-kd",
                                              TeacherSource(tmp_path / "no-such-teacher.pt", cache_path=cache)))
     assert not cache.exists()
     assert set(run.history[0]) >= {"train_ce", "train_total"} and "train_kl" not in run.history[0]
@@ -363,7 +368,7 @@ def test_every_run_records_its_environment(teacher_run):
 
 
 def test_dvc_metrics_hold_only_the_numbers_a_person_compares(teacher_run):
-    from medkd.metrics import headline_metrics
+    from medkd.scoring.metrics import headline_metrics
     full = json.loads((teacher_run.checkpoint.parent / "metrics.json").read_text())
     lean = headline_metrics(full)
     assert set(lean) == {"parameters", "dev_avg_f1", "test_avg_f1", "dev_modality_f1", "dev_location_f1",
@@ -372,7 +377,7 @@ def test_dvc_metrics_hold_only_the_numbers_a_person_compares(teacher_run):
 
 
 def test_probe_gives_each_weighted_terms_gradient_norm():
-    from medkd.train import probe_terms
+    from medkd.engine.loop import probe_terms
     w = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
     x = torch.tensor([3.0, 1.0, 2.0])
     parts = {"a": (w @ x) ** 2, "b": w.sum()}
@@ -384,7 +389,7 @@ def test_probe_gives_each_weighted_terms_gradient_norm():
 
 
 def test_probing_records_loss_terms_and_leaves_training_unchanged(data, teacher_run, tmp_path):
-    loss_cfg = LossConfig(weights={"ce": 1.0, "kl": 0.5, "mse": 10.0})
+    loss_cfg = loss_config({"ce": 1.0, "kl": 0.5, "mse": 10.0})
     plain = distill_student(data, Distillation(STUDENT, loss_cfg, FAST, tmp_path / "plain",
                                                TeacherSource(teacher_run.checkpoint, cache_path=tmp_path / "cache.pt")))
     probed = distill_student(data, Distillation(STUDENT, loss_cfg,
@@ -400,9 +405,9 @@ def test_probing_records_loss_terms_and_leaves_training_unchanged(data, teacher_
 
 @pytest.mark.parametrize("native", [False, True])
 def test_precision_resolves_per_machine_and_emulated_bf16_is_refused(monkeypatch, native):
-    import medkd.environment
-    import medkd.train as train
-    monkeypatch.setattr(medkd.environment, "cpu_runs_bf16_natively", lambda: native)
+    import medkd.engine.evaluation as train
+    import medkd.util.environment
+    monkeypatch.setattr(medkd.util.environment, "cpu_runs_bf16_natively", lambda: native)
     cpu = torch.device("cpu")
     assert train.uses_bf16("fp32", cpu) is False and train.uses_bf16("bf16", cpu) is True
     assert train.uses_bf16("auto", cpu) is native  # auto: bf16 only where the hardware has it
@@ -425,7 +430,7 @@ def test_precision_resolves_per_machine_and_emulated_bf16_is_refused(monkeypatch
 ])
 def test_cpu_bf16_probe_reads_instruction_probes_and_feature_flags(monkeypatch, machine, avx512_bf16, amx,
                                                                    features, native):
-    from medkd import environment
+    from medkd.util import environment
     monkeypatch.setattr(environment.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -435,8 +440,8 @@ def test_cpu_bf16_probe_reads_instruction_probes_and_feature_flags(monkeypatch, 
 
 def test_a_teacher_can_weigh_its_classes_but_not_distil(data, tmp_path):
     balanced = train_teacher(data, TEACHER, FAST, tmp_path / "balanced",
-                             loss_cfg=LossConfig(weights={"ce": 1.0}, class_weights="balanced"))
+                             loss_cfg=loss_config({"ce": 1.0}, class_weights="balanced"))
     plain = train_teacher(data, TEACHER, FAST, tmp_path / "plain")
     assert balanced.history[0]["train_ce"] != plain.history[0]["train_ce"]  # the weights reach the loss
     with pytest.raises(ValueError, match="learns from labels only"):
-        train_teacher(data, TEACHER, FAST, tmp_path / "kd", loss_cfg=LossConfig(weights={"ce": 1.0, "kl": 1.0}))
+        train_teacher(data, TEACHER, FAST, tmp_path / "kd", loss_cfg=loss_config({"ce": 1.0, "kl": 1.0}))

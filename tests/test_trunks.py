@@ -8,18 +8,17 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-import medkd.trunks as trunks
-from medkd.backbones import (
-    BACKBONES, BackboneSpec, BackboneSplitError, build_backbone, build_tokenizer, list_backbones, register_backbone,
-    tiny_vocab,
-)
-from medkd.data import DataConfig, PreparedData, make_loader
-from medkd.losses import CombinedLoss, LossConfig, LossContext
-from medkd.models import ModelConfig, build_model
-from medkd.synthetic import make_synthetic_medpix
-from medkd.train import (
-    Distillation, TeacherSource, TrainConfig, build_teacher_cache, distill_student, train_teacher,
-)
+import medkd.engine.trunks as trunks
+from medkd.catalog.backbone_specs import BACKBONES, BackboneSpec, list_backbones, register_backbone, tiny_vocab
+from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.config.configs import TrainConfig
+from medkd.config.loss_terms import LossConfig
+from medkd.data.prepared import DataConfig, PreparedData, make_loader
+from medkd.engine.loop import Distillation, TeacherSource, distill_student, train_teacher
+from medkd.engine.losses import CombinedLoss, LossContext
+from medkd.engine.teacher_cache import build_teacher_cache
+from medkd.models.backbones import BackboneSplitError, build_backbone, build_tokenizer
+from medkd.models.classifier import ModelConfig, build_model
 
 TINY_TEXT = {"vocab_size": len(tiny_vocab()), "max_position_embeddings": 130}
 register_backbone(BackboneSpec("tiny-mpnet", "text", "hf-text", 32, "mpnet", pooling="mean", blocks=2, arch_kwargs={
@@ -35,7 +34,8 @@ STUDENT = ModelConfig("tiny-vit", "tiny-bert", fusion_dim=16, fusion_layers=2, f
                       vision_train_blocks=0, text_train_blocks=1)
 FAST = TrainConfig(epochs=2, batch_size=8, eval_batch_size=16, lr=1e-3, seed=7, precision="fp32")
 LIVE = TrainConfig(**{**FAST.to_dict(), "trunk_cache": False})
-LOSS = LossConfig(weights={"ce": 1.0, "kl": 0.5, "mse": 2.0, "crd": 0.5}, nce_k=8)
+LOSS = LossConfig.from_dict({"ce": {"weight": 1.0}, "kl": {"weight": 0.5}, "mse": {"weight": 2.0},
+                             "crd": {"weight": 0.5, "nce_k": 8}})
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ def test_one_step_from_the_cache_equals_the_live_step(data, tmp_path):
                                                              train_labels=data.labels["train"],
                                                              num_classes=data.vocab.num_classes))
         cached_loss = copy.deepcopy(loss_fn)
-        cache = trunks.model_trunks(cached_model, data, tokenizer, "student", torch.device("cpu"), False,
-                                    tmp_path / "trunks")
+        cache = trunks.model_trunks(cached_model, data, tokenizer, "student",
+                                    trunks.TrunkRun(torch.device("cpu"), False, tmp_path / "trunks"))
         assert cache.vision is not None and cache.text is not None
         batch = next(iter(make_loader(data.dataset("train", {"student": tokenizer}), 8, shuffle=True, seed=5)))
         teacher_out = {k: v[batch["index"]] for k, v in teacher_cache["outputs"].items()}
@@ -204,7 +204,7 @@ def test_a_student_distilled_from_the_cache_is_the_live_run(teacher_runs, data, 
     calls = []
     monkeypatch.setattr(trunks, "_memory", type(trunks._memory)())
     monkeypatch.setattr(trunks, "compute_trunk", lambda *a, **k: calls.append(a) or pytest.fail("recomputed"))
-    again = distill_student(data, Distillation(STUDENT, LossConfig(weights={"ce": 1.0}),
+    again = distill_student(data, Distillation(STUDENT, LossConfig.from_dict({"ce": {"weight": 1.0}}),
                                                TrainConfig(**{**FAST.to_dict(), "epochs": 1}), tmp_path / "again",
                                                TeacherSource(teacher.checkpoint), trunk_dir=root / "trunks"))
     assert again.history and calls == []

@@ -8,14 +8,16 @@ from typing import Mapping
 
 import pandas as pd
 
-from medkd.distributed import barrier, is_main
-from medkd.files import atomic_write, reset_dir, write_json
-from medkd.metrics import headline_metrics
-from medkd.params import project_root
-from medkd.stages.common import Paths, load_data, seed_summary
-from medkd.stages.runs import student_runs
-from medkd.stages.schema import student_configs
-from medkd.train import Distillation, TeacherSource, distill_student
+from medkd.config.params import project_root
+from medkd.config.sections import student_configs
+from medkd.config.study import student_runs
+from medkd.data.prepared import load_data
+from medkd.engine.loop import Distillation, TeacherSource, distill_student
+from medkd.pipeline.paths import Paths
+from medkd.pipeline.stage import seed_summary
+from medkd.scoring.metrics import headline_metrics
+from medkd.util.distributed import barrier, is_main
+from medkd.util.files import atomic_write, reset_dir, write_json
 
 
 def distill_stage(params: Mapping, student: str, root: Path | None = None) -> dict:

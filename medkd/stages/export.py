@@ -1,7 +1,7 @@
 """Stages `export-teacher@<dataset>` and `export@<student>`: a trained model as an ONNX folder
-(`medkd.export`), its parity with PyTorch on the whole test split, its CPU latency, size and
+(`medkd.deploy.onnx_export`), its parity with PyTorch on the whole test split, its CPU latency, size and
 int8 cost, measured on real test samples; a student's speed-up is timed against the exported
-teacher of its data set in the same stage (`export.paired_speedup`)."""
+teacher of its data set in the same stage (`onnx_export.paired_speedup`)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,19 @@ from typing import Mapping
 
 import torch
 
-from medkd import export
-from medkd.config import ModelConfig
-from medkd.data import PreparedData, make_loader
-from medkd.environment import cpu_has_vnni
-from medkd.files import reset_dir, write_json
-from medkd.models import count_parameters
-from medkd.params import project_root
-from medkd.predict import Predictor, PredictError, load_predictor
-from medkd.stages.common import Paths, load_data
-from medkd.stages.runs import TEACHER_PREFIX, Run, student_runs
-from medkd.stages.schema import export_section
-from medkd.train import load_checkpoint
+from medkd.config.configs import ModelConfig
+from medkd.config.params import project_root
+from medkd.config.stage_settings import export_section
+from medkd.config.study import TEACHER_PREFIX, Run, student_runs
+from medkd.data.prepared import PreparedData, load_data, make_loader
+from medkd.deploy import onnx_export
+from medkd.deploy.predictor import PredictError, Predictor, load_predictor
+from medkd.models.backbones import build_tokenizer
+from medkd.models.checkpoint import load_checkpoint
+from medkd.models.classifier import count_parameters
+from medkd.pipeline.paths import Paths
+from medkd.util.environment import cpu_has_vnni
+from medkd.util.files import reset_dir, write_json
 
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
 BEST_VARIANT = "best"  # export.variant: each student's run a user would pick, chosen on dev (`pick_run`)
@@ -86,7 +87,7 @@ def study_agreement(exported_f1: float, metrics: Mapping, tolerance: float = STU
     result = {"study_test_avg_f1": round(study, 4), "difference": round(exported_f1 - study, 4),
               "checked": precision == "fp32", "tolerance": tolerance}
     if result["checked"] and abs(exported_f1 - study) > tolerance:
-        raise export.ExportError(f"the exported fp32 model scores test avg F1 {exported_f1:.4f}, the study's fp32 "
+        raise onnx_export.ExportError(f"the exported fp32 model scores test avg F1 {exported_f1:.4f}, the study's fp32 "
                                  f"evaluation of the same run {study:.4f}: they differ by more than {tolerance}")
     return result
 
@@ -100,30 +101,29 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     trained = _trained_model(params, paths, model, root)
     data, classifier, tokenizer = trained.data, trained.classifier, trained.tokenizer
     teacher = None if trained.run == "teacher" else exported_teacher(paths, trained.dataset, data.config)
-    test = data.dataset("test", {export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
+    test = data.dataset("test", {onnx_export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
     batches = list(make_loader(test, section.throughput_batch, shuffle=False))
     singles = list(make_loader(test, 1, shuffle=False))
-    example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{export.ROLE}"],
-               "attention_mask": batches[0][f"attention_mask_{export.ROLE}"]}
-    folder = export.export_model(classifier, trained.model_cfg, tokenizer, example, data.vocab.tasks,
-                                 data.vocab.classes, data.config.image_size, data.config.max_length,
-                                 paths.export_model(model), int8=section.int8, mask_terms=data.config.mask_terms,
-                                 int8_reduce_range=section.int8_reduce_range)
+    example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{onnx_export.ROLE}"],
+               "attention_mask": batches[0][f"attention_mask_{onnx_export.ROLE}"]}
+    folder = onnx_export.export_model(classifier, trained.model_cfg, tokenizer, example,
+                                      onnx_export.Preprocessing.of(data.config, data.vocab), paths.export_model(model),
+                                      int8=section.int8, int8_reduce_range=section.int8_reduce_range)
     timing = dict(runs=section.latency_runs, warmup=section.warmup)
-    sessions = {t: export.session(folder / export.FP32, t) for t in section.threads}
-    eager = export.score(lambda b: export.eager_logits(classifier, b), test)
-    fp32 = export.score(_ort(sessions[max(section.threads)]), test)
-    traced = export.export_form(classifier)
-    parity = export.check_parity(export.score(lambda b: export.eager_logits(traced, b), test), fp32,
+    sessions = {t: onnx_export.session(folder / onnx_export.FP32, t) for t in section.threads}
+    eager = onnx_export.score(lambda b: onnx_export.eager_logits(classifier, b), test)
+    fp32 = onnx_export.score(_ort(sessions[max(section.threads)]), test)
+    traced = onnx_export.export_form(classifier)
+    parity = onnx_export.check_parity(onnx_export.score(lambda b: onnx_export.eager_logits(traced, b), test), fp32,
                                  section.parity_tolerance, trained=eager)
     result = {
         "model": model, "run": trained.run, "checkpoint": str(trained.checkpoint.relative_to(root)),
         "backbones": f"{trained.model_cfg.vision} + {trained.model_cfg.text}",
         "parameters": count_parameters(classifier), "n_test": len(test), "parity": parity,
-        "fp32": {"mb": export.file_mb(folder / export.FP32), "avg_f1": round(fp32.avg_f1(), 4),
-                 **{f"latency_{t}_thread{'s' if t > 1 else ''}": export.latency(_ort(sessions[t]), singles, **timing)
+        "fp32": {"mb": onnx_export.file_mb(folder / onnx_export.FP32), "avg_f1": round(fp32.avg_f1(), 4),
+                 **{f"latency_{t}_thread{'s' if t > 1 else ''}": onnx_export.latency(_ort(sessions[t]), singles, **timing)
                     for t in section.threads},
-                 f"throughput_batch{section.throughput_batch}_per_s": export.throughput(
+                 f"throughput_batch{section.throughput_batch}_per_s": onnx_export.throughput(
                      _ort(sessions[max(section.threads)]), batches)},
         "eager_avg_f1": round(eager.avg_f1(), 4),
         "study": study_agreement(fp32.avg_f1(), json.loads(trained.deployed.metrics.read_text())),
@@ -165,42 +165,42 @@ def _trained_model(params: Mapping, paths: Paths, model: str, root: Path) -> _Tr
     changed = changed_data_setting(payload["data"], data.config)  # the test split is read as the model was trained
     if changed:
         key, trained, now = changed
-        raise export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
+        raise onnx_export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
                                  f"params.yaml now says {now!r}: re-run its training stage first")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
-    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, model_cfg.tokenizer(),
+    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, build_tokenizer(model_cfg.text, model_cfg.text_weights),
                     deployed)
 
 
 def _ort(session):
-    return lambda batch: session.run(None, export.onnx_inputs(batch))
+    return lambda batch: session.run(None, onnx_export.onnx_inputs(batch))
 
 
 def _speedup_over_teacher(folder: Path, sessions: Mapping, teacher: Predictor, dataset: str, singles, timing) -> dict:
     """The student's paired speed-up over its teacher's export, both on one thread (whatever
     `export.threads` lists), timed alternately on the same test samples."""
-    single_thread = sessions.get(1) or export.session(folder / export.FP32, 1)
+    single_thread = sessions.get(1) or onnx_export.session(folder / onnx_export.FP32, 1)
 
     def run_teacher(batch):
-        return teacher.logits(*export.onnx_inputs(batch, TEACHER_ROLE).values())
+        return teacher.logits(*onnx_export.onnx_inputs(batch, TEACHER_ROLE).values())
 
     return {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1,
-            **export.paired_speedup(_ort(single_thread), run_teacher, singles, **timing)}
+            **onnx_export.paired_speedup(_ort(single_thread), run_teacher, singles, **timing)}
 
 
 def _eager_latency_one_thread(classifier: torch.nn.Module, singles, timing) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return export.latency(lambda b: export.eager_logits(classifier, b), singles, **timing)
+        return onnx_export.latency(lambda b: onnx_export.eager_logits(classifier, b), singles, **timing)
     finally:
         torch.set_num_threads(threads)
 
 
 def _int8_measurements(folder: Path, test, singles, timing, fp32_avg_f1: float) -> dict:
-    int8 = export.session(folder / export.INT8, 1)
-    result = {"mb": export.file_mb(folder / export.INT8), "avg_f1": round(export.score(_ort(int8), test).avg_f1(), 4),
-              "latency_1_thread": export.latency(_ort(int8), singles, **timing)}
+    int8 = onnx_export.session(folder / onnx_export.INT8, 1)
+    result = {"mb": onnx_export.file_mb(folder / onnx_export.INT8), "avg_f1": round(onnx_export.score(_ort(int8), test).avg_f1(), 4),
+              "latency_1_thread": onnx_export.latency(_ort(int8), singles, **timing)}
     result["avg_f1_change"] = round(result["avg_f1"] - fp32_avg_f1, 4)
     return result
 
@@ -212,13 +212,13 @@ def exported_teacher(paths: Paths, dataset: str, data_config) -> Predictor:
     try:
         teacher = load_predictor(folder, threads=1)
     except PredictError as err:
-        raise export.ExportError(f"the teacher's export is needed to time the student against it: {err} "
+        raise onnx_export.ExportError(f"the teacher's export is needed to time the student against it: {err} "
                                  f"(run `dvc repro export-teacher@{dataset}`)") from None
     changed = changed_data_setting({"image_size": teacher.image_size, "max_length": teacher.max_length,
                                     "mask_terms": teacher.mask_terms}, data_config)
     if changed:
         key, value, now = changed
-        raise export.ExportError(f"{folder} was exported with {key} = {value!r}, data.{dataset}.{key} is now "
+        raise onnx_export.ExportError(f"{folder} was exported with {key} = {value!r}, data.{dataset}.{key} is now "
                                  f"{now!r}: re-run export-teacher@{dataset}")
     return teacher
 

@@ -7,12 +7,12 @@ from typing import Mapping
 
 import pandas as pd
 
-from medkd.data import verify_files
-from medkd.datasets import SPLITS
-from medkd.files import replace_dir, write_json, write_text
-from medkd.params import project_root
-from medkd.report import data as data_report
-from medkd.stages.common import Paths, load_data
+from medkd.catalog.dataset_specs import SPLITS
+from medkd.config.params import project_root
+from medkd.data.prepared import load_data, verify_files
+from medkd.pipeline.paths import Paths
+from medkd.reporting import data_report
+from medkd.util.files import replace_dir, write_json, write_text
 
 
 def prepare_stage(params: Mapping, dataset: str, root: Path | None = None) -> dict:

@@ -1,5 +1,5 @@
 """Stage `teacher@<dataset>`: train the teacher, run it once over the training split (the cache), and
-fit its baseline, the linear probe on its frozen pretrained backbones (`medkd.probe`)."""
+fit its baseline, the linear probe on its frozen pretrained backbones (`medkd.engine.probe`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from typing import Mapping
 
 import pandas as pd
 
-from medkd.distributed import barrier, is_main
-from medkd.files import atomic_write, reset_dir, write_json
-from medkd.metrics import headline_metrics
-from medkd.params import project_root
-from medkd.probe import linear_probe, write_probe
-from medkd.stages.common import Paths, load_data
-from medkd.stages.schema import teacher_configs, teacher_loss_config
-from medkd.train import load_or_build_teacher_cache, train_teacher
+from medkd.config.params import project_root
+from medkd.config.sections import teacher_configs, teacher_loss_config
+from medkd.data.prepared import load_data
+from medkd.engine.loop import train_teacher
+from medkd.engine.probe import linear_probe, write_probe
+from medkd.engine.teacher_cache import load_or_build_teacher_cache
+from medkd.pipeline.paths import Paths
+from medkd.scoring.metrics import headline_metrics
+from medkd.util.distributed import barrier, is_main
+from medkd.util.files import atomic_write, reset_dir, write_json
 
 
 def teacher_stage(params: Mapping, dataset: str, root: Path | None = None) -> dict:

@@ -1,0 +1,273 @@
+"""params.yaml: one schema for the whole file.
+
+The schema is the skeleton below (which sections and keys exist) plus the configs its sections
+become (`medkd.config.sections`: `DataConfig`, `ModelConfig`, `LossConfig`, `TrainConfig`, each
+merged from its layers and validated by pydantic), plus the cross-references (a student's data set,
+the Optuna student, search-space paths, `base:` chains). `check_params` reports every problem at
+once, each under its key path in params.yaml (`distill.tuned.model.fusion_layer`), with what was
+expected and the nearest valid key for a typo. The `check` stage of dvc.yaml runs it before any
+other stage, so a bad value stops `dvc repro` before DVC deletes outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medkd.config.configs import data_config
+from medkd.config.problems import ParamsError, Problem, known_keys, problems_of
+from medkd.config.sections import SECTION_CONFIGS, student_configs, teacher_configs, teacher_loss_config, variant_chain
+from medkd.config.stage_settings import ExportSection, OptunaSection, SearchLeaf, flatten_search_space
+from medkd.config.study import REQUIRED_VARIANTS, SHARED_DISTILL_KEYS, VARIANT_KEYS, primary_student, variants
+from medkd.util.registry import did_you_mean
+
+# --------------------------------------------------------------------------- the skeleton
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Sub = dict[str, Any]  # a section whose keys a config class checks
+
+
+class TeacherSection(_Section):
+    model: Sub
+    loss: Sub = {}  # the teacher's own loss: CE (class_weights), no distillation terms
+    train: Sub = {}
+
+
+class StudentSection(_Section):
+    dataset: str
+    vision: str
+    text: str
+    vision_weights: str | None = None
+    text_weights: str | None = None
+
+
+class VariantSection(_Section):
+    base: str | None = None  # another variant whose model/loss/train keys this one starts from (merged)
+    students: Literal["all", "primary"] = "all"  # primary: only `optuna.student` (ablations)
+    seeds: Literal["default", "primary"] = "default"  # primary: `seeds.primary` on `optuna.student`
+    model: Sub = {}
+    loss: Sub = {}
+    train: Sub = {}
+
+
+class DistillSection(BaseModel):
+    """`distill:`: shared keys, the study's `tuned` and `baseline` variants, and any number of further
+    variants (`no-kd: {base: tuned, loss: {kl: null, mse: null, crd: null}}`), each a VariantSection."""
+
+    model_config = ConfigDict(extra="allow")
+    pretrained: bool = True
+    model: Sub = {}  # model keys every variant starts from (e.g. vision_train_blocks)
+    train: Sub = {}
+    tuned: VariantSection
+    baseline: VariantSection
+
+
+# The keys of `distill:` that are not variants (medkd.config.study enumerates the variants by them).
+assert set(DistillSection.model_fields) == {*REQUIRED_VARIANTS, *SHARED_DISTILL_KEYS}
+
+
+class SeedsSection(_Section):
+    """`seeds:`: the seeds students are trained with (the teacher trains once, with `seed`)."""
+
+    default: Annotated[list[int], Field(min_length=1)] | None = None  # None: [seed]
+    primary: Annotated[list[int], Field(min_length=1)] | None = None  # None: `default`
+
+
+class ParamsFile(_Section):
+    preset: str = "default"  # which preset made these params (configs/*.yaml set theirs); `dvc exp show` lists it
+    seed: int = 42
+    seeds: SeedsSection = SeedsSection()
+    export: ExportSection = ExportSection()
+    runtime: Sub = {}
+    data: Annotated[dict[str, Sub], Field(min_length=1)]
+    teachers: dict[str, TeacherSection] = {}
+    students: dict[str, StudentSection] = {}
+    distill: DistillSection | None = None
+    optuna: OptunaSection | None = None
+
+
+# --------------------------------------------------------------------------- the whole file
+
+
+def check_params(params: Any) -> list[Problem]:
+    """Every problem of a params.yaml tree (empty: it fits the schema).
+
+    The skeleton is checked first; the configs and cross-references are then checked on every part
+    that can be read, so one run lists all problems.
+    """
+    if not isinstance(params, Mapping):
+        return [Problem("(top level)", f"expected a mapping of sections, got {type(params).__name__}")]
+    try:
+        ParamsFile.model_validate(params)
+        problems: list[Problem] = []
+    except ValidationError as err:
+        problems = problems_of(err, ParamsFile)
+    problems += _data_and_teacher_problems(params)
+    distill = params.get("distill")
+    if _mapping(params.get("students")) and distill is None:
+        problems.append(Problem("distill", "required key is missing (students are listed)"))
+    if isinstance(distill, Mapping):
+        problems += _variant_problems(params, distill)
+        problems += _student_problems(params)
+        problems += _export_problems(params, distill)
+        if isinstance(params.get("optuna"), Mapping):
+            problems += _optuna_problems(params, params["optuna"])
+    return list(dict.fromkeys(problems))
+
+
+def validate_params(params: Any, source: str = "params.yaml") -> None:
+    problems = check_params(params)
+    if problems:
+        raise ParamsError(problems, source)
+
+
+def _mapping(value) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _collect(problems: list[Problem], build, *args, **kwargs) -> bool:
+    """Run a config builder; its ParamsError's problems join `problems` (a part the skeleton already
+    reported, which the builder cannot even read, is skipped)."""
+    try:
+        build(*args, **kwargs)
+        return True
+    except ParamsError as err:
+        problems.extend(err.problems)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        pass
+    return False
+
+
+def _data_and_teacher_problems(params: Mapping) -> list[Problem]:
+    problems: list[Problem] = []
+    data, teachers = _mapping(params.get("data")), _mapping(params.get("teachers"))
+    for dataset in data:
+        _collect(problems, data_config, params, dataset)
+    for dataset in teachers:
+        if dataset not in data:
+            problems.append(Problem(f"teachers.{dataset}", f"no data set {dataset!r} under `data:`"
+                                    f"{did_you_mean(dataset, data)}; data sets: {', '.join(data)}"))
+        _collect(problems, teacher_configs, params, dataset)
+        _collect(problems, teacher_loss_config, params, dataset)
+    return problems
+
+
+def _variant_problems(params: Mapping, distill: Mapping) -> list[Problem]:
+    """The further variants' own keys (the skeleton lets them through) and their `base:` chains."""
+    problems: list[Problem] = []
+    names = variants({"distill": distill})
+    shared = sorted(SHARED_DISTILL_KEYS)
+    for name in names[len(REQUIRED_VARIANTS):]:
+        if not isinstance(distill[name], Mapping):
+            problems.append(Problem(f"distill.{name}", f"unknown key{did_you_mean(name, shared)}; expected one of: "
+                                    f"{', '.join(shared)}, or a variant (a mapping of "
+                                    f"{'/'.join(VARIANT_KEYS)}/model/loss/train)"))
+            continue
+        try:
+            VariantSection.model_validate(distill[name])
+        except ValidationError as err:
+            problems += problems_of(err, VariantSection, f"distill.{name}")
+            continue
+        if distill[name].get("students") == "primary" and primary_student(params) is None:
+            problems.append(Problem(f"distill.{name}.students", "`primary` names `optuna.student`, "
+                                    "but there is no `optuna:` section"))
+    for name in names:
+        if isinstance(distill.get(name), Mapping):
+            _collect(problems, variant_chain, distill, name)
+    return problems
+
+
+def _student_problems(params: Mapping) -> list[Problem]:
+    problems: list[Problem] = []
+    teachers, distill = _mapping(params.get("teachers")), _mapping(params.get("distill"))
+    for student, spec in _mapping(params.get("students")).items():
+        dataset = _mapping(spec).get("dataset")
+        if isinstance(dataset, str) and dataset not in teachers:
+            problems.append(Problem(f"students.{student}.dataset", f"{dataset!r} has no teacher under "
+                                    f"`teachers:`{did_you_mean(dataset, teachers)}; teachers: {', '.join(teachers)}"))
+        for variant in variants(params):
+            if isinstance(distill.get(variant), Mapping):  # anything else is the skeleton's problem, said once
+                _collect(problems, student_configs, params, student, variant)
+    return problems
+
+
+def _export_problems(params: Mapping, distill: Mapping) -> list[Problem]:
+    export = params.get("export")
+    if not isinstance(export, Mapping) or export.get("variant", "best") == "best":
+        return []
+    names = variants(params)
+    if export["variant"] not in names:
+        return [Problem("export.variant", f"no variant {export['variant']!r} under `distill:`"
+                        f"{did_you_mean(str(export['variant']), names)}; variants: {', '.join(names)}")]
+    if _mapping(distill[export["variant"]]).get("students") == "primary":
+        return [Problem("export.variant", f"{export['variant']!r} runs on the primary student only; "
+                        "every student needs a run to export")]
+    return []
+
+
+def _optuna_problems(params: Mapping, section: Mapping) -> list[Problem]:
+    students, teachers = _mapping(params.get("students")), _mapping(params.get("teachers"))
+    student = section.get("student")
+    if student not in students:
+        names = list(students)
+        return [Problem("optuna.student", f"no student {student!r} under `students:`"
+                        f"{did_you_mean(str(student), names)}; students: {', '.join(names)}")]
+    problems: list[Problem] = []
+    dataset = _mapping(students[student]).get("dataset")
+    if section.get("dataset") is not None and dataset in teachers and section["dataset"] != dataset:
+        problems.append(Problem("optuna.dataset", f"must be {dataset!r}, the data set of student {student!r}"))
+    per_trial = {f"train.{key}": value for key, value in _mapping(section.get("train")).items()}
+    trial_problems: list[Problem] = []
+    base_ok = _collect(trial_problems, student_configs, params, student, "tuned", per_trial, source="optuna")
+    problems += [p for p in trial_problems if p.path.startswith("optuna.")]
+    space = section.get("search_space")
+    if not isinstance(space, Mapping):
+        return problems
+    try:
+        leaves = flatten_search_space(space)
+    except ParamsError as err:
+        return problems + err.problems
+    for path, raw in leaves.items():
+        problems += _search_leaf_problems(params, student, per_trial, path, raw, base_ok)
+    return problems
+
+
+def _search_leaf_problems(params: Mapping, student: str, per_trial: Mapping, path: str, raw: Any,
+                          base_ok: bool) -> list[Problem]:
+    where = f"optuna.search_space.{path}"
+    unknown = setting_problem(path)
+    if unknown:
+        return [Problem(where, unknown)]
+    try:
+        leaf = SearchLeaf.model_validate(raw)
+    except ValidationError as err:
+        return problems_of(err, SearchLeaf, where)
+    problems = []
+    for value in leaf.values_to_try() if base_ok else []:  # each end of the range builds a valid config
+        try:
+            student_configs(params, student, "tuned", {**per_trial, path: value}, source="optuna")
+        except ParamsError as err:  # whole-config problems (fusion_dim vs heads) depend on the combination
+            problems += [Problem(where, f"value {value!r}: {p.message}") for p in err.problems
+                         if p.path.startswith("optuna.") and p.path != f"optuna.{path.split('.')[0]}"]
+    return problems
+
+
+def setting_problem(path: str) -> str | None:
+    """Why a search-space key path (`loss.kl.weight`) names no setting of a variant, or None."""
+    head, *rest = path.split(".")
+    if head not in SECTION_CONFIGS or not rest:
+        return f"must sit under one of {list(SECTION_CONFIGS)}"
+    cls = SECTION_CONFIGS[head]
+    for depth, key in enumerate(rest):
+        known = known_keys(cls, tuple(rest[:depth]))
+        if key not in known:
+            where = ".".join([head, *rest[:depth]])
+            return f"{key!r} is not a setting of {where}{did_you_mean(key, known)}; expected one of: {', '.join(known)}"
+    if known_keys(cls, tuple(rest)):
+        return f"{path!r} is a section; a search-space leaf sets one value (e.g. {path}.{known_keys(cls, tuple(rest))[0]})"
+    return None

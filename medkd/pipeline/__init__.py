@@ -1,0 +1,1 @@
+"""How a DVC stage runs: the papermill runner, process lifetime, output paths, a stage's context."""

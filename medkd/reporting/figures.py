@@ -1,0 +1,211 @@
+"""The study's figures (PNG): the Optuna search, F1 per model and class, size and latency against F1,
+confusions, training curves, what drives the student."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
+
+from medkd.reporting.plots import log_x_axis, save_figure
+from medkd.reporting.tables import MAIN_VARIANTS, NO_KD, model_groups, run_names
+
+
+def plot_search(trials: pd.DataFrame, importances: Mapping, out: Path, n_startup_trials: int = 0) -> None:
+    """The search's two figures, from what stage search wrote (trials.csv, importances.json)."""
+    plot_search_history(trials, Path(out) / "optimization_history.png", n_startup_trials)
+    plot_importances(importances, Path(out) / "param_importances.png")
+
+
+def plot_search_history(trials: pd.DataFrame, path: Path, n_startup_trials: int = 0) -> None:
+    """Each trial's dev score by trial number (pruned trials at their last reported epoch), the
+    best-so-far line, and the random start-up trials shaded: does TPE improve on random draws?"""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    trials = trials.sort_values("number")
+    complete = trials[trials.state == "COMPLETE"]
+    pruned = trials[(trials.state == "PRUNED") & trials.last_epoch_value.notna()]
+    if n_startup_trials:
+        ax.axvspan(-0.5, n_startup_trials - 0.5, color="0.9", zorder=0, label=f"random start-up ({n_startup_trials})")
+    if len(complete):
+        ax.scatter(complete.number, complete.value, color="C0", s=40, zorder=3, label="complete")
+        best = trials.value.where(trials.state == "COMPLETE").cummax().ffill()
+        ax.step(trials.number, best, where="post", color="C3", label="best so far")
+    if len(pruned):
+        ax.scatter(pruned.number, pruned.last_epoch_value, marker="x", color="C1", s=40, zorder=3,
+                   label="pruned (last epoch's score)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trial number", ylabel="dev average macro-F1",
+           title=f"Optuna search: {len(trials)} trials ({len(complete)} complete, {len(pruned)} pruned)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: covers no trial
+    save_figure(fig, path)
+
+
+def plot_importances(found: Mapping, path: Path) -> None:
+    """The search's fANOVA importances (stage search computes them, seeded), largest on top."""
+    importances = found.get("importances")
+    if not importances:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No importances: {found.get('reason', 'none computed')}", ha="center", va="center",
+                wrap=True)
+        save_figure(fig, path)
+        return
+    names = sorted(importances, key=importances.get)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names], color="C0")
+    for y, name in enumerate(names):
+        ax.text(importances[name], y, f" {importances[name]:.2f}", va="center", fontsize=8)
+    complete = found.get("complete_trials", 0)
+    caveat = " (indicative only: few trials)" if complete < 20 else ""
+    ax.set(xlabel="importance (share of the dev score's variance)", xlim=(0, max(importances.values()) * 1.2))
+    ax.set_title(f"Hyperparameter importances (fANOVA), {complete} complete trials{caveat}", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_f1_per_model(runs: pd.DataFrame, path: Path) -> None:
+    """Test macro-F1 of each model (bars: mean over its seeds; whiskers: their standard deviation)."""
+    datasets = runs.dataset.unique()
+    n_models = max(len(runs[runs.dataset == d][["model", "variant"]].drop_duplicates()) for d in datasets)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, (1.6 + 0.5 * n_models) * len(datasets)), squeeze=False,
+                             layout="constrained")
+    for ax, dataset in zip(axes[:, 0], datasets):
+        sub = runs[runs.dataset == dataset]
+        t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
+        labels = run_names(sub)
+        long = pd.DataFrame({"run": labels * 3,
+                             "metric": [f"{t1} F1"] * len(sub) + [f"{t2} F1"] * len(sub) + ["avg F1"] * len(sub),
+                             "F1": list(sub.task1_f1) + list(sub.task2_f1) + list(sub.avg_f1)})
+        sns.barplot(long, y="run", x="F1", hue="metric", ax=ax, errorbar="sd", capsize=0.2, err_kws={"linewidth": 1})
+        ax.set_xlim(0, 1)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="test macro-F1")
+        ax.set_title(f"{dataset}: test macro-F1 per model (mean over seeds, whiskers ± 1 std where several)")
+        ax.set_ylabel("")
+    save_figure(fig, path)
+
+
+def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
+    """Heat maps of per-class test F1 (mean over seeds): models down, classes (with their test
+    support) across, a panel per data set and task."""
+    panels = list(per_class[["dataset", "task"]].drop_duplicates().itertuples(index=False))
+    n_runs = per_class[["model", "variant"]].drop_duplicates().shape[0]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, (2.2 + 0.38 * n_runs) * len(panels)), squeeze=False,
+                             layout="constrained")
+    for ax, (dataset, task) in zip(axes[:, 0], panels):
+        sub = per_class[(per_class.dataset == dataset) & (per_class.task == task)]
+        support = sub.groupby("class")["support"].max()
+        grid = sub.assign(run=run_names(sub)).pivot_table(index="run", columns="class", values="f1", sort=False)
+        grid.columns = [f"{textwrap.fill(c, 14)}\n(n={support[c]})" for c in grid.columns]  # long names wrap
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f",
+                    cbar_kws={"label": "test F1 (mean over seeds)"})
+        ax.set_title(f"{dataset}: per-class test F1, {task}")
+        ax.set_xlabel("class (test support)")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=0)
+    save_figure(fig, path)
+
+
+def plot_params_vs_f1(runs: pd.DataFrame, path: Path) -> None:
+    """Size against test average macro-F1 (seed means) of the teacher and each student's tuned,
+    baseline, no-KD and Optuna-best models; students by marker, variants by colour."""
+    groups = model_groups(runs[runs.variant.isin(["teacher", *MAIN_VARIANTS])])
+    groups = groups.assign(params_m=groups.parameters / 1e6)
+    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
+    sns.scatterplot(groups, x="params_m", y="avg_f1", hue="variant", style="model", s=90, ax=ax)
+    log_x_axis(ax)
+    ax.set_xlabel("parameters (millions, log scale)")
+    ax.set_ylabel("test average macro-F1 (mean over seeds)")
+    ax.set_title("Size vs. accuracy")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_confusions(runs: pd.DataFrame, path: Path) -> None:
+    """Test confusion matrices of the teacher and each student's tuned model (its first seed)."""
+    chosen = runs[runs.variant.isin(["teacher", "tuned"])].drop_duplicates(["dataset", "model", "variant"])
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 4.4 * len(chosen)), squeeze=False, layout="constrained")
+    for (ax1, ax2), (_, r) in zip(axes, chosen.iterrows()):
+        for ax, key, cls, task in ((ax1, "confusion1", r.classes1, r.task1), (ax2, "confusion2", r.classes2, r.task2)):
+            names = [textwrap.fill(c, 12) for c in cls]
+            sns.heatmap(np.array(r[key]), annot=True, fmt="d", cbar=False, xticklabels=names, yticklabels=names,
+                        cmap="Blues", ax=ax, annot_kws={"fontsize": 8})
+            seed = "" if r.variant == "teacher" else f", seed {r.seed}"
+            ax.set_title(f"{r.model} [{r.variant}{seed}]: {task}", fontsize=9)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.tick_params(axis="x", rotation=0, labelsize=7)
+            ax.tick_params(axis="y", rotation=0, labelsize=7)
+    save_figure(fig, path)
+
+
+def plot_training_curves(runs: pd.DataFrame, path: Path) -> None:
+    """Dev average macro-F1 and the training cross-entropy (the one loss every run has, unweighted)
+    per epoch: the teacher and each student's tuned and no-KD model (first seed)."""
+    chosen = runs[runs.variant.isin(["teacher", "tuned", NO_KD])].drop_duplicates(["dataset", "model", "variant"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    for _, r in chosen.iterrows():
+        h = r.history
+        if h is None or h.empty:
+            continue
+        style = {"linestyle": "--" if r.variant == NO_KD else "-", "marker": "o"}
+        ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]", **style)
+        if "train_ce" in h:
+            ax2.plot(h.epoch, h.train_ce, **style)
+    ax1.set(title="dev average macro-F1", xlabel="epoch", ylabel="macro-F1")
+    ax2.set(title="training cross-entropy (sum of both tasks)", xlabel="epoch", ylabel="cross-entropy")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*ax1.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_loss_drivers(probes: Mapping[str, pd.DataFrame], path: Path) -> None:
+    """What drives the student: each weighted loss term's value and its share of the gradient norm
+    on the student's parameters over training, one row per run (e.g. tuned vs baseline)."""
+    fig, axes = plt.subplots(len(probes), 2, figsize=(12, 3.6 * len(probes)), squeeze=False, layout="constrained")
+    for (ax1, ax2), (name, frame) in zip(axes, probes.items()):
+        terms = list(dict.fromkeys(frame.term))
+        values = frame.pivot_table(index="step", columns="term", values="weighted_value", sort=False)[terms]
+        norms = frame.pivot_table(index="step", columns="term", values="grad_norm", sort=False)[terms]
+        share = norms.div(norms.sum(axis=1), axis=0)
+        for term in terms:
+            ax1.plot(values.index, values[term], marker=".", label=term)
+        ax1.set(yscale="log", title=f"{name}: weighted loss terms", xlabel="training step",
+                ylabel="weight × term (log scale)")
+        ax1.legend(fontsize=8)
+        ax2.stackplot(share.index, share.T.values, labels=terms, alpha=0.85)
+        ax2.set(ylim=(0, 1), title=f"{name}: share of the gradient norm", xlabel="training step",
+                ylabel="‖∇ weighted term‖ / Σ")
+        ax2.legend(fontsize=8, loc="upper right")
+    save_figure(fig, path)
+
+
+def plot_latency_vs_f1(deployments: Sequence[Mapping], path: Path) -> None:
+    """Single-thread batch-1 latency against test avg F1 (fp32 and int8), marker area by parameters;
+    the line joins the Pareto front (no other model both faster and better)."""
+    points = []
+    for d in deployments:
+        for kind in ("fp32", "int8"):
+            if kind in d:
+                points.append({"model": d["model"], "kind": kind, "ms": d[kind]["latency_1_thread"]["p50_ms"],
+                               "f1": d[kind]["avg_f1"], "parameters (M)": round(d["parameters"] / 1e6, 1)})
+    frame = pd.DataFrame(points)
+    fig, ax = plt.subplots(figsize=(8.5, 5), layout="constrained")
+    sns.scatterplot(frame, x="ms", y="f1", hue="model", style="kind", size="parameters (M)", sizes=(40, 400), ax=ax,
+                    alpha=0.85)
+    front, best = [], -np.inf
+    for _, r in frame.sort_values(["ms", "f1"], ascending=[True, False]).iterrows():
+        if r.f1 > best:
+            front.append((r.ms, r.f1))
+            best = r.f1
+    ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, label="Pareto front")
+    log_x_axis(ax)
+    ax.set(xlabel="batch-1 latency, ONNX Runtime, 1 CPU thread (ms, p50, log scale)",
+           ylabel="test average macro-F1", title="Latency vs. accuracy of the exported models")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,1 @@
+"""How a run is scored: macro-F1 and accuracy, per-image prediction files, bootstrap intervals."""
