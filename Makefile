@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup offline-weights data repro exp full paper test bench clean-venv
+.PHONY: setup offline-weights data repro demo exp full paper test bench clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ data: $(STAMP)
 # The main job: the default study in params.yaml.
 repro: $(STAMP) $(OFFLINE_STAMP) data
 	$(BIN)/dvc repro
+
+# A small real model to try in a few minutes (models/demo/): the primary student's heads on frozen
+# pretrained backbones, exported, then `medkd predict` on a few test images.
+demo: $(STAMP) $(OFFLINE_STAMP) data
+	HF_HUB_OFFLINE=1 $(BIN)/medkd demo
 
 # An experiment on top of params.yaml: make exp ARGS="-S 'distill.train.epochs=5'"
 exp: $(STAMP) $(OFFLINE_STAMP) data

@@ -45,9 +45,7 @@ def exported_session(model_cfg, data, folder: Path, threads: int = 1):
     model = build_model(model_cfg, data.vocab.num_classes, pretrained=False).eval()
     tokenizer = build_tokenizer(model_cfg.text, model_cfg.text_weights)
     sample = data.dataset("test", {export.ROLE: tokenizer}).collate([0, 1])
-    example = {"pixel_values": sample["pixel_values"], "input_ids": sample[f"input_ids_{export.ROLE}"],
-               "attention_mask": sample[f"attention_mask_{export.ROLE}"]}
-    export.export_model(model, model_cfg, tokenizer, example, export.Preprocessing.of(data.config, data.vocab),
+    export.export_model(model, model_cfg, tokenizer, sample, export.Preprocessing.of(data.config, data.vocab),
                         folder, int8=False)
     return export.session(folder / export.FP32, threads), tokenizer, count_parameters(model)
 

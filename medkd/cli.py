@@ -5,6 +5,9 @@ code outside DVC.
     medkd run-stage NOTEBOOK OUTPUT [-p NAME VALUE]...
     medkd predict MODEL {--image PATH --text CAPTION | --csv FILE} [--out FILE]
     medkd preset {show | overrides | run} PRESET
+    medkd demo                     (a small real student trained, exported and tried in a few minutes)
+    medkd experiments [--all]      (DVC experiments side by side, in 100 columns)
+    medkd findings                 (README's findings, rewritten from the results page)
     medkd optuna-worker [--storage URL] [--root DIR]
     torchrun --nproc_per_node N -m medkd train {teacher DATASET | student STUDENT}
 
@@ -90,6 +93,32 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from medkd.demo import demo
+
+    return demo(args.root, args.images)
+
+
+def _experiments(argv: list[str]) -> int:
+    from medkd.experiments import main
+
+    return main(argv)
+
+
+def _findings(args: argparse.Namespace) -> int:
+    """README's findings, rewritten from reports/results/results.md (after a run of the study)."""
+    from medkd.config.params import project_root
+    from medkd.reporting.page import with_findings
+
+    root = project_root()
+    readme = root / "README.md"
+    updated = with_findings(readme.read_text(), (root / "reports" / "results" / "results.md").read_text())
+    changed = updated != readme.read_text()
+    readme.write_text(updated)
+    print(f"README.md: findings {'rewritten from' if changed else 'already equal to'} reports/results/results.md")
+    return 0
+
+
 def _predict(argv: list[str]) -> int:
     from medkd.deploy.predictor import main
 
@@ -113,8 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "`python -m medkd.pipeline.runner`)")
     sub.add_parser("predict", add_help=False, help="predictions of an exported model (or a checkpoint) for your "
                                                    "own images and captions; `medkd predict --help`")
+    sub.add_parser("experiments", add_help=False, help="DVC experiments side by side in 100 columns: the params "
+                                                       "that differ, the headline F1s; `medkd experiments --help`")
     sub.add_parser("preset", add_help=False, help="a preset (configs/*.yaml, an overlay on params.yaml) shown, or "
                                                   "run as a DVC experiment; `medkd preset --help`")
+    demo = sub.add_parser("demo", help="a small real student (the primary student's heads on frozen backbones) "
+                                        "trained, exported and tried on a few test images, in a few minutes")
+    demo.add_argument("--root", type=Path, default=None, help="project folder (default: the one holding the cwd)")
+    demo.add_argument("--images", type=int, default=6, help="test images to classify (default 6)")
+    demo.set_defaults(run=_demo)
+    sub.add_parser("findings", help="rewrite README.md's findings from reports/results/results.md "
+                                    "(after a run)").set_defaults(run=_findings)
     worker = sub.add_parser("optuna-worker", help="join the Optuna study of params.yaml and run trials until it has "
                                                   "optuna.n_trials (one or several machines on one storage)")
     worker.add_argument("--storage", default=None,
@@ -136,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that parse their own arguments (`medkd predict --help` shows them).
-OWN_PARSERS = {"predict": _predict, "preset": _preset, "run-stage": _run_stage}
+OWN_PARSERS = {"predict": _predict, "preset": _preset, "run-stage": _run_stage, "experiments": _experiments}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,9 @@ import torch
 import yaml
 
 from medkd.catalog.synthetic import make_synthetic_medpix
+from medkd.config.configs import DataConfig
 from medkd.config.loss_terms import LossConfig
+from medkd.data.prepared import PreparedData
 from medkd.models.backbones import build_tokenizer
 from medkd.models.classifier import ModelConfig, build_model
 from medkd.stages.teacher import teacher_stage
@@ -61,6 +63,12 @@ def tiny_model(fusion_dim=16, fusion_layers=1, heads=2, num_classes=(2, 5), drop
 STUDY_WEIGHTS = {"ce": 1.0, "kl": 0.518, "mse": 112.4, "crd": 10.0}
 TERM_OF_KEY = {"class_weights": "ce", "temperature": "kl", "projection": "mse", "feat_dim": "crd", "nce_k": "crd",
                "nce_t": "crd", "nce_m": "crd"}
+
+
+def medpix_data(folder, sizes=(32, 12, 12), image_size=32, max_length=32) -> PreparedData:
+    """A synthetic MedPix-2.0 in `folder`, loaded."""
+    root = make_synthetic_medpix(folder, sizes=sizes, image_size=image_size)
+    return PreparedData.load(DataConfig("medpix", str(root), image_size=image_size, max_length=max_length))
 
 
 def loss_config(weights=None, **keys) -> LossConfig:

@@ -38,9 +38,7 @@ def trained(tmp_path_factory):
     tokenizer = build_tokenizer(CFG.text)
     test = data.dataset("test", {export.ROLE: tokenizer})
     batch = test.collate(list(range(4)))
-    example = {"pixel_values": batch["pixel_values"], "input_ids": batch[f"input_ids_{export.ROLE}"],
-               "attention_mask": batch[f"attention_mask_{export.ROLE}"]}
-    folder = export.export_model(model, CFG, tokenizer, example, export.Preprocessing.of(data.config, data.vocab),
+    folder = export.export_model(model, CFG, tokenizer, batch, export.Preprocessing.of(data.config, data.vocab),
                                  tmp / "exported")
     return {"tmp": tmp, "data": data, "model": model, "checkpoint": checkpoint, "folder": folder, "test": test}
 

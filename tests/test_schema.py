@@ -143,11 +143,21 @@ def test_validate_raises_with_every_problem_listed():
     with pytest.raises(ParamsError) as err:
         validate_params(params)
     assert str(err.value).startswith("params.yaml: 2 problems\n  seed: ")
-    assert "runtime.device: String should match pattern" in str(err.value)
+    assert "runtime.device: unknown device 'gpu'" in str(err.value)
     assert teacher_configs(CI, "medpix")[1].epochs == 2
 
 
+def with_data(folder: Path) -> Path:
+    """CI's data folders under `folder`, each holding its data set's marker file (what check-params looks for)."""
+    from medkd.catalog.dataset_specs import get_dataset
+    for section in CI["data"].values():
+        (folder / section["root"]).mkdir(parents=True, exist_ok=True)
+        (folder / section["root"] / get_dataset(section["name"]).marker).touch()
+    return folder
+
+
 def test_check_params_command(tmp_path):
+    with_data(tmp_path)
     params = copy.deepcopy(CI)
     params["distill"]["tuned"]["model"]["fusion_layer"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -164,6 +174,7 @@ def test_check_params_command(tmp_path):
 def test_check_params_refuses_bf16_that_this_cpu_would_emulate(tmp_path, monkeypatch, capsys):
     import medkd.util.environment
     from medkd.stages.check import check_params_command
+    with_data(tmp_path)
     params = copy.deepcopy(CI)
     params["runtime"] = {**params.get("runtime", {}), "device": "cpu", "precision": "bf16"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -239,3 +250,41 @@ def test_the_loss_keys_of_before_say_where_they_went():
     found = problems_after(lambda p: p["distill"]["baseline"].update(loss={"weights": {"ce": 1.0}, "temperature": 2}))
     assert found["distill.baseline.loss.weights"].startswith("no longer a key: each term has its own section")
     assert found["distill.baseline.loss.temperature"] == "no longer a key here: loss.kl.temperature"
+
+
+def check_file(tmp_path, text: str, capsys) -> list[str]:
+    from medkd.stages.check import check_params_command
+    (tmp_path / "params.yaml").write_text(text)
+    assert check_params_command(tmp_path / "params.yaml", tmp_path / "ok") == 2 and not (tmp_path / "ok").exists()
+    return capsys.readouterr().err.rstrip().splitlines()
+
+
+def test_check_params_names_the_line_and_column_of_bad_yaml_and_an_empty_file(tmp_path, capsys):
+    lines = check_file(tmp_path, "seed: 42\ndata:\n  medpix: {root: data/x\n", capsys)
+    assert lines == [f"{tmp_path / 'params.yaml'}:4:1: not valid YAML: while parsing a flow mapping: expected ',' or "
+                     "'}', but got '<stream end>'"]
+    lines = check_file(tmp_path, "seed: 42\n  seeds: [1]\n", capsys)
+    assert lines[0].startswith(f"{tmp_path / 'params.yaml'}:2:8: not valid YAML: ")
+    assert check_file(tmp_path, "", capsys) == [
+        f"{tmp_path / 'params.yaml'}: the file is empty; expected params.yaml's sections (data:, teachers:, students:, ...)"]
+
+
+def test_check_params_wants_each_data_set_where_its_root_says(tmp_path, capsys):
+    lines = check_file(tmp_path, yaml.safe_dump(CI), capsys)
+    assert lines[0] == (f"  data.medpix.root: folder 'data/medpix-2.0' does not exist ({tmp_path}/data/medpix-2.0); "
+                        "run `make data`, or set root to the data set's folder")
+    (tmp_path / "data" / "medpix-2.0").mkdir(parents=True)
+    lines = check_file(tmp_path, yaml.safe_dump(CI), capsys)
+    assert lines[0] == ("  data.medpix.root: 'data/medpix-2.0' holds no Descriptions.json: not a MedPix-2.0 folder "
+                        "(`make data` fetches one)")
+
+
+def test_the_gaps_a_new_user_met_each_get_one_line_at_their_key_path():
+    found = problems_after(lambda p: p["runtime"].update(device="gpu"))
+    assert found == {"runtime.device": "unknown device 'gpu' (did you mean 'cpu'?); expected one of: auto, cpu, cuda, "
+                                       "or cuda:N (a GPU's number)"}
+    assert problems_after(lambda p: p["runtime"].update(device="cuda:1")) == {}
+    found = problems_after(lambda p: p.setdefault("export", {}).update(variant="bestt"))
+    assert found["export.variant"].startswith("no variant 'bestt' under `distill:` (did you mean 'best'?); expected best")
+    found = problems_after(lambda p: p["distill"]["tuned"]["loss"]["kl"].update(weight=-0.5))
+    assert found == {"distill.tuned.loss.kl.weight": "Input should be greater than or equal to 0 (got -0.5)"}

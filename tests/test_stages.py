@@ -68,7 +68,7 @@ def test_distill_stage_resumes_a_killed_variant_and_keeps_the_finished_one(proje
                                                                        "baseline-seed42")] == [True] * 3
     resumed = distill_stage(params, "tiny-a", root)["summary"]
     for variant in ("tuned", "baseline"):
-        for key in ("test_avg_f1", "dev_avg_f1", "parameters"):
+        for key in ("test_avg_f1", "dev_avg_f1", "seeds"):
             assert resumed[variant][key] == reference[variant][key]
     assert not list((paths.state() / "resume").glob("distill-tiny-a-*"))  # cleared when the stage finished
 

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import loss_config
+from conftest import loss_config, medpix_data
 
 from medkd.catalog.synthetic import make_synthetic_medpix, make_synthetic_wound
 from medkd.config.configs import TrainConfig
@@ -24,8 +24,7 @@ FAST = TrainConfig(epochs=1, batch_size=8, eval_batch_size=16, lr=1e-3, seed=7, 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = make_synthetic_medpix(tmp_path_factory.mktemp("medpix"), sizes=(32, 12, 12), image_size=32)
-    return PreparedData.load(DataConfig("medpix", str(root), image_size=32, max_length=32))
+    return medpix_data(tmp_path_factory.mktemp("medpix"), sizes=(32, 12, 12), max_length=32)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,6 @@ def test_cache_is_keyed_by_teacher_and_preprocessing(teacher_run, data, tmp_path
 def test_cache_key_covers_everything_that_changes_teacher_outputs(teacher_run, data, tmp_path):
     from transformers import BertTokenizer
 
-    from medkd.catalog.synthetic import make_synthetic_medpix
     from medkd.engine.teacher_cache import teacher_cache_key
     from medkd.models.backbones import tiny_vocab
     payload = torch.load(teacher_run.checkpoint, weights_only=False)

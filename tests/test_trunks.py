@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import medpix_data
 from transformers import BertTokenizer
 
 import medkd.engine.trunks as trunks
@@ -40,8 +41,7 @@ LOSS = LossConfig.from_dict({"ce": {"weight": 1.0}, "kl": {"weight": 0.5}, "mse"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = make_synthetic_medpix(tmp_path_factory.mktemp("medpix"), sizes=(32, 12, 12), image_size=32)
-    return PreparedData.load(DataConfig("medpix", str(root), image_size=32, max_length=32))
+    return medpix_data(tmp_path_factory.mktemp("medpix"), sizes=(32, 12, 12), max_length=32)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ single place of its defaults. The loss has its own module, a registry of terms
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Literal, Mapping
@@ -23,9 +24,10 @@ from medkd.catalog.backbone_specs import TrainBlocks, get_spec, list_backbones
 from medkd.catalog.dataset_specs import DatasetSpec, check_leakage, get_dataset, list_datasets
 from medkd.config.merge import build
 from medkd.config.problems import ParamsError, Problem
-from medkd.util.registry import one_of
+from medkd.util.registry import did_you_mean, one_of
 
 STRICT_KEYS = ConfigDict(extra="forbid")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def config_dataclass(cls):
@@ -179,7 +181,7 @@ class TrainConfig(FromMapping):
     warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # 0: no clipping
     seed: int = 42
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     # fp32 everywhere by default, so training, evaluation, the ONNX export and `medkd predict` compute alike;
     # bf16: autocast, only where the hardware has bf16 instructions; auto: bf16 there, fp32 elsewhere.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
@@ -196,6 +198,14 @@ class TrainConfig(FromMapping):
     # term on those steps; training itself is unchanged). 0: never. Written to the run's loss_terms.csv.
     probe_every: Annotated[int, Field(ge=0)] = 0
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # for smoke runs
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, device: str) -> str:
+        if device in DEVICES or re.fullmatch(r"cuda:\d+", device):
+            return device
+        raise ValueError(f"unknown device {device!r}{did_you_mean(device, DEVICES)}; expected one of: "
+                         f"{', '.join(DEVICES)}, or cuda:N (a GPU's number)")
 
 
 # --------------------------------------------------------------------------- from params.yaml

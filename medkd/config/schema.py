@@ -100,8 +100,11 @@ def check_params(params: Any) -> list[Problem]:
     The skeleton is checked first; the configs and cross-references are then checked on every part
     that can be read, so one run lists all problems.
     """
+    if params is None:
+        return [Problem("(top level)", "the file is empty; expected params.yaml's sections (data:, teachers:, ...)")]
     if not isinstance(params, Mapping):
-        return [Problem("(top level)", f"expected a mapping of sections, got {type(params).__name__}")]
+        return [Problem("(top level)", f"expected a mapping of sections (data:, teachers:, ...), got "
+                                       f"{type(params).__name__} {params!r:.40}")]
     try:
         ParamsFile.model_validate(params)
         problems: list[Problem] = []
@@ -203,7 +206,8 @@ def _export_problems(params: Mapping, distill: Mapping) -> list[Problem]:
     names = variants(params)
     if export["variant"] not in names:
         return [Problem("export.variant", f"no variant {export['variant']!r} under `distill:`"
-                        f"{did_you_mean(str(export['variant']), names)}; variants: {', '.join(names)}")]
+                        f"{did_you_mean(str(export['variant']), ['best', *names])}; expected best (each student's "
+                        f"best variant on dev) or a variant: {', '.join(names)}")]
     if _mapping(distill[export["variant"]]).get("students") == "primary":
         return [Problem("export.variant", f"{export['variant']!r} runs on the primary student only; "
                         "every student needs a run to export")]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from medkd.catalog.dataset_specs import SPLITS, DataError, Record, SplitSource, Vocab, check_leakage
 from medkd.config.configs import DataConfig, data_config
+from medkd.util import progress
 from medkd.util.distributed import shard, world_size
 from medkd.util.files import sha256_file
 
@@ -74,6 +75,7 @@ def verify_files(records: Mapping[str, Sequence[Record]]) -> dict[str, list[str]
         hashes[split] = []
         for record in split_records:
             bar.update()
+            progress.update(f"verifying images: {bar.n}/{total}", fraction=bar.n / total)
             name = f"{split} record {record.image_id!r}"
             if record.image_id in first_id:
                 problems.append(f"duplicate image id {record.image_id!r}: {first_id[record.image_id]} and {name}")
@@ -124,6 +126,7 @@ def load_images(records: Sequence[Record], size: int, desc: str = "images") -> t
     out = torch.empty((len(records), 3, size, size), dtype=torch.uint8)
     for n, record in enumerate(tqdm(records, desc=desc, leave=False, mininterval=2)):
         out[n] = torch.from_numpy(load_image(record.image_path, size, record.image_id))
+        progress.update(f"decoding {desc}: {n + 1}/{len(records)}")
     return out
 
 

@@ -150,25 +150,25 @@ class Preprocessing:
         }
 
 
-def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, example: Mapping[str, torch.Tensor],
+def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, batch: Mapping[str, torch.Tensor],
                  reads: Preprocessing, out_dir: Path, int8: bool = True, int8_reduce_range: bool = True) -> Path:
     """Write the ONNX folder (see the module's docstring) for a trained classifier; returns it.
 
-    `example`: a batch of at least two real samples (its shapes are not baked in: batch and
-    sequence axes are dynamic). The folder is written whole or not at all.
+    `batch`: at least two real samples, tokenized for `ROLE` (`dataset.collate`; its shapes are not
+    baked in: batch and sequence axes are dynamic). The folder is written whole or not at all.
     """
     tasks = reads.tasks
 
     def fill(staging: Path) -> None:
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         wrapped = _Logits(export_form(model.float())).eval()
-        inputs = (example["pixel_values"].float(), example["input_ids"], example["attention_mask"])
-        batch, sequence = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
+        inputs = (batch["pixel_values"].float(), batch[f"input_ids_{ROLE}"], batch[f"attention_mask_{ROLE}"])
+        rows, sequence = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
         outputs = [f"logits_{t}" for t in tasks]
         with torch.no_grad(), _quiet():
             program = torch.onnx.export(
                 wrapped, inputs, dynamo=True, input_names=["pixel_values", "input_ids", "attention_mask"],
-                output_names=outputs, dynamic_shapes=({0: batch}, {0: batch, 1: sequence}, {0: batch, 1: sequence}),
+                output_names=outputs, dynamic_shapes=({0: rows}, {0: rows, 1: sequence}, {0: rows, 1: sequence}),
                 optimize=True, verbose=False, report=False)
         program.save(str(staging / FP32), external_data=False)
         _stamp_and_check(staging / FP32, tasks)

@@ -2,6 +2,7 @@
 
     medkd predict MODEL --image scan.png --text "axial CT of the abdomen"
     medkd predict MODEL --csv cases.csv --out predictions.csv
+    medkd predict MODEL --csv cases.csv --json
 
 MODEL is an export folder (the export stage's `models/export/<model>/`), one of its ONNX files
 (`model.onnx`, or `model.int8.onnx` for the quantized model), or a training checkpoint (`.pt`,
@@ -21,6 +22,7 @@ exported with. As in training, caption words listed in the data set's `mask_term
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +73,9 @@ class Predictor:
 def load_predictor(path: Path, threads: int = 1) -> Predictor:
     path = Path(path)
     if not path.exists():
-        raise PredictError(f"model {path} does not exist")
+        raise PredictError(f"model {path} does not exist: `make demo` makes a small real one in a few minutes "
+                           f"(models/demo/export), the study makes every model (`make repro`; one model: "
+                           f"`dvc repro export@<student>`, into models/export/<student>)")
     if path.suffix == ".pt":
         return _checkpoint_predictor(path, threads)
     if path.is_dir():
@@ -214,13 +218,39 @@ def summary_line(row: pd.Series, tasks: Sequence[str]) -> str:
     return "; ".join(f"{task}: {row[f'{task}_pred']} ({row[f'{task}_prob']:.3f})" for task in tasks)
 
 
+def as_json(table: pd.DataFrame, predictor: Predictor) -> list[dict]:
+    """Per sample: per task the predicted class, its probability and every class's probability."""
+    return [{"image": row["image"],
+             **{task: {"prediction": row[f"{task}_pred"], "probability": row[f"{task}_prob"],
+                       "probabilities": {name: row[f"{task}_prob_{name}"] for name in predictor.classes[task]}}
+                for task in predictor.tasks}}
+            for _, row in table.iterrows()]
+
+
+EXAMPLES = """examples:
+  medkd predict models/demo/export --image scan.png --text "axial CT of the abdomen"
+      prints one line: per task, the predicted class and its probability
+      (modality: CT (0.981); location: Abdomen (0.874))
+  medkd predict models/export/mobilenetv2-minilm --csv cases.csv
+      prints a CSV: per image and task the prediction, its probability and every class's probability
+  medkd predict MODEL --csv cases.csv --json
+      prints JSON: a list of {"image", <task>: {"prediction", "probability", "probabilities": {class: p}}}
+  medkd predict MODEL --csv cases.csv --out predictions.csv      (the CSV written to a file)
+
+MODEL: an export folder (make demo, or the study's models/export/<model>), its model.onnx or
+model.int8.onnx, or a training checkpoint (.pt). The CSV has the columns image (a path, relative to
+the CSV's folder or absolute) and text (the caption). A bad input stops with one line naming it (exit 2)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medkd predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="medkd predict", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="export folder, its model.onnx / model.int8.onnx, or a .pt checkpoint")
     parser.add_argument("--image", help="one image file (with --text)")
     parser.add_argument("--text", help="its caption")
     parser.add_argument("--csv", type=Path, help="a CSV with columns image, text")
     parser.add_argument("--out", type=Path, help="write the predictions to this CSV (default: print them)")
+    parser.add_argument("--json", action="store_true", help="print every class's probability as JSON (for scripts)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     return parser
@@ -239,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         atomic_write(args.out, lambda p: table.to_csv(p, index=False))
         print(f"{len(table)} predictions written to {args.out}")
+    elif args.json:
+        print(json.dumps(as_json(table, predictor), indent=1))
     elif args.csv is None:
         print(summary_line(table.iloc[0], predictor.tasks))
     else:

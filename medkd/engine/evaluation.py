@@ -18,6 +18,7 @@ from medkd.data.prepared import PreparedData, make_loader
 from medkd.engine.trunks import TrunkCache
 from medkd.models.classifier import TASK_LOGITS
 from medkd.scoring.metrics import metrics_from_predictions, predictions_frame
+from medkd.util import progress
 from medkd.util.environment import precision_problem, resolve_device, uses_bf16
 
 
@@ -66,7 +67,8 @@ def model_outputs(model: nn.Module, loader, device: torch.device, role: str, bf1
     """
     model.eval()
     chunks: dict[str, list[torch.Tensor]] = {}
-    for batch in tqdm(loader, desc=desc, leave=False):
+    for number, batch in enumerate(tqdm(loader, desc=desc, leave=False), 1):
+        progress.update(f"{desc}: batch {number}/{len(loader)}")
         extra = trunks.inputs(split, batch, device) if trunks is not None else {}
         with autocast(device, bf16):
             out = model(*batch_inputs(batch, role, device, channels_last), **extra)

@@ -29,6 +29,7 @@ from medkd.engine.trunks import TrunkCache, TrunkRun, model_trunks
 from medkd.models.backbones import build_tokenizer
 from medkd.models.checkpoint import load_checkpoint, save_checkpoint
 from medkd.models.classifier import MultimodalClassifier, build_model, count_parameters
+from medkd.util import progress
 from medkd.util.distributed import (
     all_reduce_sum,
     average_float_buffers,
@@ -43,6 +44,7 @@ from medkd.util.distributed import (
 from medkd.util.environment import environment
 from medkd.util.files import atomic_write, write_json
 from medkd.util.keys import content_key, state_fingerprint
+from medkd.util.stored import load_or_none
 
 
 def _trainable(model: nn.Module, cfg: "TrainConfig") -> nn.Module:
@@ -116,10 +118,10 @@ class Resume:
         return path if rank() == 0 else path.with_name(f"{path.stem}.rank{rank()}{path.suffix}")
 
     def load(self) -> dict | None:
-        if not self.file.exists():
+        state = load_or_none(self.file, "resume state", weights_only=False)
+        if state is None:
             return None
-        state = torch.load(self.file, map_location="cpu", weights_only=False)
-        if state.get("key") != self.key:
+        if not isinstance(state, dict) or state.get("key") != self.key:
             tqdm.write(f"{self.file}: left by a run with other settings; starting afresh")
             return None
         return state
@@ -299,25 +301,25 @@ def _fit(
     broadcast_module(run.model)  # data-parallel: every rank starts from rank 0's weights
     broadcast_module(loss_fn)
     opt = _Optimization.create(run, loss_fn, train_loader)
-    progress = _Progress.resume_or_start(run, loss_fn, opt, train_loader)
-    if progress.complete:
-        return progress.best, progress.history, progress.probes
-    epoch = progress.epoch
+    done = _Progress.resume_or_start(run, loss_fn, opt, train_loader)
+    if done.complete:
+        return done.best, done.history, done.probes
+    epoch = done.epoch
     try:
-        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        for epoch in range(done.epoch + 1, cfg.epochs + 1):
             sums, seen, clock, started = _train_epoch(run, compute_loss, loss_fn, opt, train_loader, epoch,
-                                                      progress.probes)
+                                                      done.probes)
             row, dev = _epoch_row(run, epoch, sums, seen, clock, started)
-            progress.record(epoch, row, dev, run.model)
+            done.record(epoch, row, dev, run.model)
             if run.resume:
-                progress.save(run, loss_fn, opt, train_loader, epoch, complete=False)
+                done.save(run, loss_fn, opt, train_loader, epoch, complete=False)
             if report_epoch is not None:
                 report_epoch(epoch, row["dev_avg_f1"])
     except KeyboardInterrupt:
-        raise progress.interrupted(run, epoch) from None
+        raise done.interrupted(run, epoch) from None
     if run.resume:
-        progress.save(run, loss_fn, opt, train_loader, cfg.epochs, complete=True)
-    return progress.best, progress.history, progress.probes
+        done.save(run, loss_fn, opt, train_loader, cfg.epochs, complete=True)
+    return done.best, done.history, done.probes
 
 
 def _train_epoch(run: RunContext, compute_loss, loss_fn: nn.Module, opt: _Optimization, train_loader, epoch: int,
@@ -354,6 +356,9 @@ def _train_epoch(run: RunContext, compute_loss, loss_fn: nn.Module, opt: _Optimi
         # refresh=False: the bar redraws on its own schedule (mininterval), not once per step.
         bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", sps=f"{seen / (time.perf_counter() - start):.1f}",
                         refresh=False)
+        progress.update(f"{run.role} epoch {epoch}/{cfg.epochs}, step {step + 1}/{opt.steps_per_epoch}, "
+                        f"train loss {sums['total'] / seen:.4f}",
+                        fraction=(epoch - 1 + (step + 1) / opt.steps_per_epoch) / cfg.epochs)
         tick = time.perf_counter()
     return sums, seen, clock, start
 
@@ -379,6 +384,8 @@ def _epoch_row(run: RunContext, epoch: int, sums: dict[str, float], seen: int, c
            "train_samples": seen, **{f"seconds_{k}": round(v, 3) for k, v in clock.items()},
            **{f"dev_{t}_f1": dev[t]["f1_macro"] for t in dev if isinstance(dev[t], dict)}}
     tqdm.write(f"{run.role} epoch {epoch}: train loss {row['train_total']:.4f}, dev avg F1 {dev['avg_f1']:.4f}")
+    progress.update(f"{run.role} epoch {epoch}/{run.cfg.epochs} done", fraction=epoch / run.cfg.epochs,
+                    dev=dev["avg_f1"])
     return row, dev
 
 
@@ -472,6 +479,7 @@ class TeacherSource:
     outputs: Mapping | None = None  # a teacher cache already loaded (e.g. once for all Optuna trials)
     live: bool | None = None  # run the teacher on every batch under no_grad; None: only with augmentation
     rebuild_stale: bool = True  # False: a missing or stale cache file is an error (a stage must not rewrite another's)
+    rebuild_with: str | None = None  # with rebuild_stale=False: the command that makes the cache (for the error)
 
 
 @dataclass(frozen=True)
@@ -532,7 +540,8 @@ def _resolve_teacher(run: Distillation, data: PreparedData, device: torch.device
     if cache is None:
         cache_path = Path(source.cache_path) if source.cache_path else Path(run.out_dir) / "teacher_cache.pt"
         cache = load_or_build_teacher_cache(source.checkpoint, data, cfg, cache_path, device,
-                                            rebuild_stale=source.rebuild_stale, trunk_dir=run.trunk_dir)
+                                            rebuild_stale=source.rebuild_stale, trunk_dir=run.trunk_dir,
+                                            rebuild_with=source.rebuild_with)
     return _Teacher("cache", cache["key"], cache["dims"], outputs={k: v.to(device) for k, v in cache["outputs"].items()})
 
 

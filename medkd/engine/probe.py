@@ -25,6 +25,7 @@ from medkd.engine.trunks import TrunkRun, model_trunks
 from medkd.models.backbones import build_tokenizer
 from medkd.models.classifier import build_model, count_parameters
 from medkd.scoring.metrics import metrics_from_predictions, predictions_frame
+from medkd.util import progress
 from medkd.util.environment import environment, resolve_device
 from medkd.util.files import atomic_write, write_json
 
@@ -80,7 +81,9 @@ def linear_probe(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, t
         return predictions_frame(index, logits, image_ids[split], torch.from_numpy(labels[split]), data.vocab)
 
     dev_by_c, best = {}, None
-    for c in c_grid:
+    for number, c in enumerate(c_grid):
+        progress.update(f"logistic regression, C {c:g} ({number + 1}/{len(c_grid)})", fraction=number / len(c_grid),
+                        force=True)
         classifiers = fit(c)
         dev_by_c[c] = metrics_from_predictions(frame(classifiers, "dev"), data.vocab)["avg_f1"]
         if best is None or dev_by_c[c] > dev_by_c[best[0]]:

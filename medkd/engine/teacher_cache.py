@@ -18,6 +18,7 @@ from medkd.util.distributed import barrier, is_main
 from medkd.util.environment import uses_bf16
 from medkd.util.files import atomic_write
 from medkd.util.keys import content_key
+from medkd.util.stored import UnreadableFile, load, load_or_none
 
 TEACHER_CACHE_KEYS = ("logits_modality", "logits_location", "img_raw", "txt_raw", "fused")
 
@@ -58,26 +59,25 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
 def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig,
                                 cache_path: Path, device: torch.device | None = None,
                                 rebuild_stale: bool = True, all_ranks: bool = True,
-                                trunk_dir: Path | None = None) -> dict:
-    """The cached teacher outputs if `cache_path` matches this teacher and preprocessing, else new ones.
+                                trunk_dir: Path | None = None, rebuild_with: str | None = None) -> dict:
+    """The cached teacher outputs if `cache_path` matches this teacher and preprocessing, else new ones
+    (a damaged file is said and rebuilt).
 
-    With `rebuild_stale=False` a missing or stale cache is an error (a pipeline stage must not
-    rewrite another stage's output). Data-parallel, with `all_ranks` every rank calls this and
-    rank 0 builds the cache for all; `all_ranks=False`: only this process calls it.
+    With `rebuild_stale=False` a missing, stale or damaged cache is an error naming the file and
+    `rebuild_with`, the command that makes it (a pipeline stage must not rewrite another stage's output).
+    Data-parallel, with `all_ranks` every rank calls this and rank 0 builds the cache for all;
+    `all_ranks=False`: only this process calls it.
     """
     payload = read_checkpoint(teacher_ckpt)
     tokenizer = model_tokenizer(payload)
     device, bf16 = training_device(cfg) if device is None else (device, uses_bf16(cfg.precision, device))
     key = teacher_cache_key(payload, data, tokenizer, bf16)
     cache_path = Path(cache_path)
+    if not rebuild_stale:
+        return _stage_cache(cache_path, key, rebuild_with or "the teacher stage (dvc repro)")
     cache = _matching_cache(cache_path, key)
     if cache is not None:
         return cache
-    if not rebuild_stale:
-        raise RuntimeError(
-            f"teacher cache {cache_path} is missing or was made by another teacher or preprocessing; "
-            "rebuild it with the teacher stage (dvc repro)"
-        )
     if is_main() or not all_ranks:  # data-parallel: rank 0 builds it once, the other ranks read it
         cache = build_teacher_cache(teacher_ckpt, data, cfg, device, payload=payload, tokenizer=tokenizer,
                                     trunk_dir=trunk_dir)
@@ -88,11 +88,20 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
 
 
 def _matching_cache(cache_path: Path, key: str) -> dict | None:
-    if cache_path.exists():
-        cache = torch.load(cache_path, map_location="cpu", weights_only=True)
-        if cache.get("key") == key:
-            return cache
-    return None
+    cache = load_or_none(cache_path, "teacher cache")
+    return cache if isinstance(cache, dict) and cache.get("key") == key else None
+
+
+def _stage_cache(cache_path: Path, key: str, rebuild_with: str) -> dict:
+    """The teacher stage's cache, read as it is: missing, stale or damaged is an error saying what to run."""
+    try:
+        cache = load(cache_path) if cache_path.exists() else None
+    except UnreadableFile as err:
+        raise UnreadableFile(f"teacher cache {err}; to restore or rebuild it: {rebuild_with}") from None
+    if not isinstance(cache, dict) or cache.get("key") != key:
+        raise RuntimeError(f"teacher cache {cache_path} is missing or was made by another teacher or preprocessing; "
+                           f"to restore or rebuild it: {rebuild_with}")
+    return cache
 
 
 def model_tokenizer(payload: Mapping):

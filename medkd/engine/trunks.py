@@ -16,6 +16,7 @@ while a process uses them (the last few, `MEMORY_ENTRIES`).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from medkd.catalog.backbone_specs import cache_dir
 from medkd.catalog.dataset_specs import SPLITS
 from medkd.data.prepared import PreparedData, make_loader
 from medkd.models.backbones import TextBackbone, VisionBackbone, tokenizer_identity
+from medkd.util import progress
 from medkd.util.distributed import barrier, is_main
 from medkd.util.files import atomic_write
 from medkd.util.keys import content_key, state_fingerprint
+from medkd.util.stored import load_or_none
 
 TRUNK_FORMAT = "medkd-trunk-1"
 MEMORY_ENTRIES = 4  # trunks kept in memory per process (the teacher's and a student's two fit)
@@ -85,7 +88,8 @@ def _compute(backbone, data, split, tokenizer, device, bf16, batch_size) -> torc
     dataset = data.dataset(split, {} if vision else {"trunk": tokenizer})
     loader = make_loader(dataset, batch_size, shuffle=False, by_length=not vision)
     out = None
-    for batch in tqdm(loader, desc=f"{backbone.name} trunk {split}", leave=False):
+    for number, batch in enumerate(tqdm(loader, desc=f"{backbone.name} trunk {split}", leave=False), 1):
+        progress.update(f"trunk pass of {backbone.name}, {split}: batch {number}/{len(loader)}")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if vision:
                 value = backbone.trunk(batch["pixel_values"].to(device))
@@ -113,11 +117,14 @@ def load_or_build(backbone: VisionBackbone | TextBackbone, data: PreparedData, t
     if key in _memory:
         _memory.move_to_end(key)
         return _memory[key]
-    path = Path(folder) / f"{backbone.name}-frozen{backbone.frozen_blocks}-{key[:20]}.pt"
+    path = trunk_file(folder, backbone.name, backbone.frozen_blocks, key)
     outputs = _read(path, key)
     if outputs is None and (is_main() or not all_ranks):
+        started = time.perf_counter()
         outputs = {split: compute_trunk(backbone, data, split, tokenizer, device, bf16, batch_size) for split in SPLITS}
         atomic_write(path, lambda p: torch.save({"key": key, "outputs": outputs}, p))
+        print(f"trunk pass: {backbone.name} below its top {backbone.train_blocks} block(s), "
+              f"{sum(len(o) for o in outputs.values())} samples, {time.perf_counter() - started:.0f} s (cached in {path})")
     if all_ranks:
         barrier()
     outputs = outputs if outputs is not None else _read(path, key)
@@ -127,11 +134,14 @@ def load_or_build(backbone: VisionBackbone | TextBackbone, data: PreparedData, t
     return outputs
 
 
+def trunk_file(folder: Path, backbone: str, frozen_blocks: int | str, key: str) -> Path:
+    return Path(folder) / f"{backbone}-frozen{frozen_blocks}-{key[:20]}.pt"
+
+
 def _read(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    if not path.exists():
-        return None
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    return stored["outputs"] if stored.get("key") == key else None
+    """The stored outputs when `path` holds this key's; None when it is missing, stale or damaged."""
+    stored = load_or_none(path, "trunk cache file")
+    return stored["outputs"] if isinstance(stored, dict) and stored.get("key") == key else None
 
 
 @dataclass

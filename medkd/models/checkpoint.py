@@ -14,6 +14,7 @@ from medkd.config.configs import DataConfig, ModelConfig
 from medkd.models.classifier import MultimodalClassifier, build_model
 from medkd.util.files import atomic_write
 from medkd.util.keys import state_fingerprint
+from medkd.util.stored import load
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-1"
 
@@ -43,7 +44,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Mul
 
 
 def read_checkpoint(path: Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's payload; a damaged file is an UnreadableFile naming it."""
+    payload = load(path, weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a medkd checkpoint (expected format {CHECKPOINT_FORMAT})")
     return payload

@@ -78,3 +78,12 @@ class Paths:
 
     def optuna_storage(self) -> Path:
         return self.state() / "optuna" / "studies.db"
+
+
+def restore_or_rerun(root: Path, output: Path, stage: str) -> str:
+    """What brings back another stage's output that is missing or damaged: DVC's copy, else the stage."""
+    return f"`dvc checkout {Path(output).relative_to(root)}` (DVC's own copy) or `dvc repro -f {stage}`"
+
+
+def rebuild_teacher(paths: Paths, dataset: str) -> str:
+    return restore_or_rerun(paths.root, paths.teacher_cache(dataset), f"teacher@{dataset}")

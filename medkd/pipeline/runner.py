@@ -9,18 +9,24 @@ What it adds to a bare `papermill` call:
   file, shown only if the kernel dies);
 - SIGINT/SIGTERM interrupt the running cell (training stops at once with "interrupted at epoch
   N, re-run to resume") instead of killing the kernel mid-write; a second signal kills it;
-- the runner dies with its parent (`dvc`) and the kernel with the runner: no orphans.
+- the runner dies with its parent (`dvc`) and the kernel with the runner: no orphans;
+- the terminal shows what the stage is doing while it runs (`medkd.util.progress`): a line for each new
+  step (at most every PRINT_EVERY seconds, at once for a new dev score) with the time elapsed, the
+  latest dev score and an estimate of what is left, and the last step again after HEARTBEAT seconds of
+  nothing new; the rendered notebook keeps a few readable lines instead of progress bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +36,90 @@ from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
 from medkd.pipeline.lifecycle import die_with_parent
+from medkd.util import progress
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+PRINT_EVERY = float(os.environ.get("MEDKD_PRINT_EVERY", 10.0))  # seconds between two lines of new steps
+HEARTBEAT = 30.0  # seconds without anything new after which the last step is said again
+# The kernel's environment: progress to the terminal (not as bars into the notebook); tqdm's notice that
+# ipywidgets are missing says nothing about the study.
+KERNEL_ENV = {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore:IProgress not found"}
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+class Watch(threading.Thread):
+    """Reads a stage's progress events (JSON lines) and prints them to the terminal as it runs."""
+
+    def __init__(self, path: Path, name: str, out, started: float):
+        super().__init__(daemon=True)
+        self.path, self.name, self.out, self.started = Path(path), name, out, started
+        self.offset, self.event, self.dev = 0, None, None
+        self.printed_at, self.printed = started, None
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.tick(time.time())
+
+    def stop(self) -> None:
+        """Stop watching; what came since the last look is still said: its notes, and a new dev score."""
+        self.stopped.set()
+        self.join(timeout=5)
+        fresh_dev, notes = self.read()
+        now = time.time()
+        for text in notes:
+            print(f"  {self.name} {clock(now - self.started)} · {text}", file=self.out, flush=True)
+        if fresh_dev and self.event is not self.printed:
+            print(self.line(now), file=self.out, flush=True)
+
+    def tick(self, now: float) -> None:
+        fresh_dev, notes = self.read()
+        for text in notes:
+            print(f"  {self.name} {clock(now - self.started)} · {text}", file=self.out, flush=True)
+        new = self.event is not None and self.event is not self.printed
+        if (new and (fresh_dev or now - self.printed_at >= PRINT_EVERY)) or now - self.printed_at >= HEARTBEAT:
+            print(self.line(now), file=self.out, flush=True)
+            self.printed_at, self.printed = now, self.event
+
+    def read(self) -> tuple[bool, list[str]]:
+        """Take the events written since the last read: whether one brought a new dev score, and the notes."""
+        if not self.path.exists():
+            return False, []
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            lines = f.readlines()
+        fresh, notes = False, []
+        for line in lines:
+            if not line.endswith("\n"):  # half-written: read it whole next time
+                break
+            self.offset += len(line.encode())
+            event = json.loads(line)
+            if "note" in event:
+                notes.append(event["note"])
+                continue
+            self.event = event
+            if event.get("dev") is not None:
+                self.dev, fresh = event["dev"], True
+        return fresh, notes
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.started
+        parts = [f"  {self.name} {clock(elapsed)}"]
+        if self.event is None:
+            parts.append("starting the notebook's kernel")
+        else:
+            parts.append(self.event["doing"] or "working")
+        if self.dev is not None:
+            parts.append(f"dev avg F1 {self.dev:.3f}")
+        fraction = self.event["fraction"] if self.event else 0.0
+        if fraction >= 0.02:
+            parts.append(f"{fraction:.0%}, ~{clock(elapsed * (1 - fraction) / fraction)} left")
+        return " · ".join(parts)
 
 
 class _QuietKernelManager(AsyncKernelManager):
@@ -58,11 +146,14 @@ def run_stage(notebook: Path, output: Path, parameters: dict, cwd: Path | None =
     die_with_parent()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TQDM_MININTERVAL", "20")  # rendered notebooks get a readable bar
     logging.getLogger("papermill").setLevel(logging.ERROR)
     started = time.perf_counter()
     with tempfile.NamedTemporaryFile(prefix="medkd-kernel-", suffix=".log", delete=False) as log:
         log_path = log.name
+    events = Path(log_path).with_suffix(".progress")
+    os.environ.update({**KERNEL_ENV, progress.ENV: str(events)})  # the kernel inherits this process's environment
+    watch = Watch(events, output.stem, out, time.time())
+    watch.start()
     # IPC (Unix sockets in a private folder) rather than TCP on localhost: nothing else can connect
     # to the kernel, and ipykernel has no reason to warn about unencrypted traffic.
     sockets = tempfile.mkdtemp(prefix="medkd-kernel-")
@@ -99,9 +190,11 @@ def run_stage(notebook: Path, output: Path, parameters: dict, cwd: Path | None =
               file=out, flush=True)
         return EXIT_FAILED
     finally:
+        watch.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         Path(log_path).unlink(missing_ok=True)
+        events.unlink(missing_ok=True)
         shutil.rmtree(sockets, ignore_errors=True)
     print(f"stage done: {output} ({time.perf_counter() - started:.0f} s)", file=out, flush=True)
     return 0

@@ -40,19 +40,18 @@ def open_stage(root: Path | None = None) -> Stage:
     return Stage(root, load_params(root), Paths(root))
 
 
+SUMMARY_METRICS = ("dev_avg_f1", "test_avg_f1")  # what `dvc metrics show` / `dvc exp show` compare per variant
+
+
 def seed_summary(headline: Mapping) -> dict:
-    """{variant: {<metric>: mean over seeds, <metric>_std (several seeds), seed-<s>: {<metric>: value}}}."""
+    """{variant: {dev_avg_f1, test_avg_f1: means over its seeds, test_avg_f1_std (several seeds), seeds}}: the
+    lean DVC metrics of a stage's runs (each run's own metrics.json keeps its tasks, seeds and environment)."""
     summary: dict = {}
     for variant in dict.fromkeys(run.variant for run in headline):
-        per_seed = {run.seed: values for run, values in headline.items() if run.variant == variant}
-        frame = pd.DataFrame(per_seed.values())
-        entry = {}
-        for metric in frame.columns:
-            entry[metric] = round(float(frame[metric].mean()), 4)
-            if len(frame) > 1 and metric.endswith("_f1"):
-                entry[f"{metric}_std"] = round(float(frame[metric].std(ddof=1)), 4)
-        if len(per_seed) > 1:
-            entry.update({f"seed-{seed}": values for seed, values in per_seed.items()})
-        entry["seeds"] = len(per_seed)
+        frame = pd.DataFrame([values for run, values in headline.items() if run.variant == variant])
+        entry = {metric: round(float(frame[metric].mean()), 4) for metric in SUMMARY_METRICS}
+        if len(frame) > 1:
+            entry["test_avg_f1_std"] = round(float(frame["test_avg_f1"].std(ddof=1)), 4)
+        entry["seeds"] = len(frame)
         summary[variant] = entry
     return summary

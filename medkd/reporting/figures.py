@@ -120,14 +120,14 @@ def plot_params_vs_f1(runs: pd.DataFrame, path: Path) -> None:
     log_x_axis(ax)
     ax.set_xlabel("parameters (millions, log scale)")
     ax.set_ylabel("test average macro-F1 (mean over seeds)")
-    ax.set_title("Size vs. accuracy")
+    ax.set_title("Size vs. test average macro-F1")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     save_figure(fig, path)
 
 
-def plot_confusions(runs: pd.DataFrame, path: Path) -> None:
-    """Test confusion matrices of the teacher and each student's tuned model (its first seed)."""
-    chosen = runs[runs.variant.isin(["teacher", "tuned"])].drop_duplicates(["dataset", "model", "variant"])
+def plot_confusions(chosen: pd.DataFrame, path: Path) -> None:
+    """Test confusion matrices of the runs `chosen` (one row each): the teacher, each student's shipped
+    run, the distilled ones (the report picks them)."""
     fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 4.4 * len(chosen)), squeeze=False, layout="constrained")
     for (ax1, ax2), (_, r) in zip(axes, chosen.iterrows()):
         for ax, key, cls, task in ((ax1, "confusion1", r.classes1, r.task1), (ax2, "confusion2", r.classes2, r.task2)):
@@ -135,7 +135,7 @@ def plot_confusions(runs: pd.DataFrame, path: Path) -> None:
             sns.heatmap(np.array(r[key]), annot=True, fmt="d", cbar=False, xticklabels=names, yticklabels=names,
                         cmap="Blues", ax=ax, annot_kws={"fontsize": 8})
             seed = "" if r.variant == "teacher" else f", seed {r.seed}"
-            ax.set_title(f"{r.model} [{r.variant}{seed}]: {task}", fontsize=9)
+            ax.set_title(f"{r.model} [{r.variant}{seed}]{r.get('role', '')}: {task}", fontsize=9)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
             ax.tick_params(axis="x", rotation=0, labelsize=7)
@@ -143,24 +143,25 @@ def plot_confusions(runs: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_training_curves(runs: pd.DataFrame, path: Path) -> None:
-    """Dev average macro-F1 and the training cross-entropy (the one loss every run has, unweighted)
-    per epoch: the teacher and each student's tuned and no-KD model (first seed)."""
-    chosen = runs[runs.variant.isin(["teacher", "tuned", NO_KD])].drop_duplicates(["dataset", "model", "variant"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+def plot_training_curves(chosen: pd.DataFrame, path: Path) -> None:
+    """Dev average macro-F1 and the training cross-entropy (the one loss every run has, unweighted) per
+    epoch of the runs `chosen`: the teacher, each student's shipped run, the distilled ones."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for _, r in chosen.iterrows():
         h = r.history
         if h is None or h.empty:
             continue
-        style = {"linestyle": "--" if r.variant == NO_KD else "-", "marker": "o"}
-        ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]", **style)
+        style = {"linestyle": "-" if r.variant in ("teacher", NO_KD) else "--", "marker": "o"}
+        line, = ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]{r.get('role', '')}", **style)
+        best = h.dev_avg_f1.idxmax()
+        ax1.plot(h.epoch[best], h.dev_avg_f1[best], marker="*", markersize=13, color=line.get_color(), zorder=4)
         if "train_ce" in h:
-            ax2.plot(h.epoch, h.train_ce, **style)
-    ax1.set(title="dev average macro-F1", xlabel="epoch", ylabel="macro-F1")
-    ax2.set(title="training cross-entropy (sum of both tasks)", xlabel="epoch", ylabel="cross-entropy")
+            ax2.plot(h.epoch, h.train_ce, color=line.get_color(), **style)
+    ax1.set(title="dev average macro-F1 (★: the epoch kept)", xlabel="epoch", ylabel="macro-F1")
+    ax2.set(title="training cross-entropy (sum of both tasks)", xlabel="epoch", ylabel="cross-entropy", yscale="log")
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.legend(*ax1.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=9)
     save_figure(fig, path)
 
 
@@ -177,35 +178,45 @@ def plot_loss_drivers(probes: Mapping[str, pd.DataFrame], path: Path) -> None:
             ax1.plot(values.index, values[term], marker=".", label=term)
         ax1.set(yscale="log", title=f"{name}: weighted loss terms", xlabel="training step",
                 ylabel="weight × term (log scale)")
-        ax1.legend(fontsize=8)
         ax2.stackplot(share.index, share.T.values, labels=terms, alpha=0.85)
         ax2.set(ylim=(0, 1), title=f"{name}: share of the gradient norm", xlabel="training step",
                 ylabel="‖∇ weighted term‖ / Σ")
-        ax2.legend(fontsize=8, loc="upper right")
+        ax2.legend(title="loss term", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
 
 
 def plot_latency_vs_f1(deployments: Sequence[Mapping], path: Path) -> None:
-    """Single-thread batch-1 latency against test avg F1 (fp32 and int8), marker area by parameters;
-    the line joins the Pareto front (no other model both faster and better)."""
+    """Single-thread batch-1 latency against test avg F1 of each exported model: colour for the model, a
+    circle for fp32 and a triangle for int8 (the model's size written beside its fp32 point); the dashed
+    line joins the Pareto front (no other export both faster and better)."""
     points = []
     for d in deployments:
         for kind in ("fp32", "int8"):
             if kind in d:
                 points.append({"model": d["model"], "kind": kind, "ms": d[kind]["latency_1_thread"]["p50_ms"],
-                               "f1": d[kind]["avg_f1"], "parameters (M)": round(d["parameters"] / 1e6, 1)})
+                               "f1": d[kind]["avg_f1"], "parameters": d["parameters"] / 1e6})
     frame = pd.DataFrame(points)
-    fig, ax = plt.subplots(figsize=(8.5, 5), layout="constrained")
-    sns.scatterplot(frame, x="ms", y="f1", hue="model", style="kind", size="parameters (M)", sizes=(40, 400), ax=ax,
-                    alpha=0.85)
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    colours = dict(zip(frame.model.unique(), sns.color_palette(n_colors=frame.model.nunique())))
+    markers = {"fp32": "o", "int8": "^"}
+    for (model, kind), group in frame.groupby(["model", "kind"], sort=False):
+        ax.scatter(group.ms, group.f1, color=colours[model], marker=markers[kind], s=70, edgecolor="white", zorder=3)
+        if kind == "fp32":
+            for r in group.itertuples():
+                ax.annotate(f"{r.parameters:.1f}M", (r.ms, r.f1), xytext=(6, 4), textcoords="offset points",
+                            fontsize=8, color=colours[model])
     front, best = [], -np.inf
     for _, r in frame.sort_values(["ms", "f1"], ascending=[True, False]).iterrows():
         if r.f1 > best:
             front.append((r.ms, r.f1))
             best = r.f1
-    ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, label="Pareto front")
+    ax.plot(*zip(*front), color="0.4", linestyle="--", linewidth=1, zorder=2)
     log_x_axis(ax)
     ax.set(xlabel="batch-1 latency, ONNX Runtime, 1 CPU thread (ms, p50, log scale)",
-           ylabel="test average macro-F1", title="Latency vs. accuracy of the exported models")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+           ylabel="test average macro-F1", title="Latency vs. test average macro-F1 of the exported models")
+    fig.legend([plt.Line2D([], [], color=c, marker="o", linestyle="") for c in colours.values()], colours,
+               title="model (its size beside it)", loc="outside right upper", fontsize=8, title_fontsize=8)
+    fig.legend([plt.Line2D([], [], color="0.3", marker=m, linestyle="") for m in markers.values()]
+               + [plt.Line2D([], [], color="0.4", linestyle="--")], [*markers, "Pareto front"], title="export",
+               loc="outside right lower", fontsize=8, title_fontsize=8)
     save_figure(fig, path)

@@ -188,3 +188,20 @@ def _figures(report: StudyReport) -> list[str]:
     return ["## Figures", "", "![F1 per model](f1_per_model.png)", "", "![per-class F1](per_class_f1.png)", "",
             "![parameters vs F1](params_vs_f1.png)", "",
             "![training curves](training_curves.png)", "", "![confusion matrices](confusion_matrices.png)", ""]
+
+
+FINDINGS_START, FINDINGS_END = "<!-- findings:", "<!-- /findings -->"
+
+
+def findings(results: str) -> list[str]:
+    """The headline's findings of a results.md page: its bullet lines, as they are."""
+    headline = results.split("## Headline", 1)[1].split("\n## ", 1)[0] if "## Headline" in results else ""
+    return [line for line in headline.splitlines() if line.startswith("- ")]
+
+
+def with_findings(readme: str, results: str) -> str:
+    """`readme` with the lines between its findings markers replaced by those of `results`."""
+    start = readme.index(FINDINGS_START)
+    first = readme.index("\n", start) + 1
+    end = readme.index(FINDINGS_END, first)
+    return readme[:first] + "\n".join(findings(results)) + "\n" + readme[end:]

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from medkd.config.configs import data_config
+from medkd.config.problems import Problem
 from medkd.config.schema import check_params
 from medkd.config.sections import train_config
 from medkd.util.environment import machine_problem
@@ -23,16 +26,45 @@ from medkd.util.files import write_text
 STAMP_TEXT = "params.yaml fits the medkd schema (written by `medkd check-params`)\n"
 
 
-def check_params_command(params_file: Path, stamp: Path | None) -> int:
+def read_params(params_file: Path) -> tuple[Any, str | None]:
+    """(the parsed file, None) or (None, one line saying why it cannot be read: file, line and column)."""
     try:
-        params = yaml.safe_load(Path(params_file).read_text(encoding="utf-8"))
+        text = Path(params_file).read_text(encoding="utf-8")
     except FileNotFoundError:
-        print(f"{params_file}: no such file", file=sys.stderr)
-        return 2
+        return None, f"{params_file}: no such file"
+    try:
+        params = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        print(f"{params_file}: not valid YAML: {err}", file=sys.stderr)
+        mark = getattr(err, "problem_mark", None)
+        where = f"{params_file}:{mark.line + 1}:{mark.column + 1}" if mark else str(params_file)
+        what = ": ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+        return None, f"{where}: not valid YAML: {what or err}"
+    if params is None:
+        return None, f"{params_file}: the file is empty; expected params.yaml's sections (data:, teachers:, students:, ...)"
+    return params, None
+
+
+def data_problems(params: dict, root: Path) -> list[Problem]:
+    """Every data set's folder, where it must be before a stage reads it (relative to the project)."""
+    problems = []
+    for dataset, section in (params.get("data") or {}).items():
+        cfg = data_config(params, dataset, root)
+        folder, given = Path(cfg.root), section.get("root")
+        if not folder.is_dir():
+            problems.append(Problem(f"data.{dataset}.root", f"folder {given!r} does not exist ({folder}); run "
+                                                            "`make data`, or set root to the data set's folder"))
+        elif not (folder / cfg.spec.marker).exists():
+            problems.append(Problem(f"data.{dataset}.root", f"{given!r} holds no {cfg.spec.marker}: not a "
+                                                            f"{cfg.spec.title} folder (`make data` fetches one)"))
+    return problems
+
+
+def check_params_command(params_file: Path, stamp: Path | None) -> int:
+    params, unreadable = read_params(params_file)
+    if unreadable:
+        print(unreadable, file=sys.stderr)
         return 2
-    problems = check_params(params)
+    problems = check_params(params) or data_problems(params, Path(params_file).resolve().parent)
     if problems:
         for problem in problems:
             print(f"  {problem.path}: {problem.message}", file=sys.stderr)

@@ -13,9 +13,10 @@ from medkd.config.sections import student_configs
 from medkd.config.study import student_runs
 from medkd.data.prepared import load_data
 from medkd.engine.loop import Distillation, TeacherSource, distill_student
-from medkd.pipeline.paths import Paths
+from medkd.pipeline.paths import Paths, rebuild_teacher
 from medkd.pipeline.stage import seed_summary
 from medkd.scoring.metrics import headline_metrics
+from medkd.util import progress
 from medkd.util.distributed import barrier, is_main
 from medkd.util.files import atomic_write, reset_dir, write_json
 
@@ -35,15 +36,17 @@ def distill_stage(params: Mapping, student: str, root: Path | None = None) -> di
     runs = student_runs(params, student)
     # The teacher stage's cache: read, never rewritten here (it is that stage's output).
     teacher = TeacherSource(paths.teacher_checkpoint(dataset), cache_path=paths.teacher_cache(dataset),
-                            rebuild_stale=False)
+                            rebuild_stale=False, rebuild_with=rebuild_teacher(paths, dataset))
     results, histories, headline = {}, {}, {}
     for number, run in enumerate(runs, 1):
         model_cfg, loss_cfg, cfg = student_configs(params, student, run.variant, seed=run.seed)
         print(f"--- run {number}/{len(runs)}: {student}, variant {run.variant!r}, seed {run.seed}")
-        result = distill_student(data, Distillation(
-            model_cfg, loss_cfg, cfg, report_dir / run.name, teacher,
-            checkpoint_path=paths.student_checkpoint(student, run.name),
-            resume_path=paths.resume(f"distill-{student}-{run.slug}"), trunk_dir=paths.trunks()))
+        with progress.span(f"run {number}/{len(runs)}: {run.variant}, seed {run.seed}", (number - 1) / len(runs),
+                           number / len(runs)):
+            result = distill_student(data, Distillation(
+                model_cfg, loss_cfg, cfg, report_dir / run.name, teacher,
+                checkpoint_path=paths.student_checkpoint(student, run.name),
+                resume_path=paths.resume(f"distill-{student}-{run.slug}"), trunk_dir=paths.trunks()))
         results[run] = result
         if not is_main():
             continue

@@ -22,9 +22,11 @@ from medkd.deploy.predictor import PredictError, Predictor, load_predictor
 from medkd.models.backbones import build_tokenizer
 from medkd.models.checkpoint import load_checkpoint
 from medkd.models.classifier import count_parameters
-from medkd.pipeline.paths import Paths
+from medkd.pipeline.paths import Paths, restore_or_rerun
+from medkd.util import progress
 from medkd.util.environment import cpu_has_vnni
 from medkd.util.files import reset_dir, write_json
+from medkd.util.stored import UnreadableFile
 
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
 BEST_VARIANT = "best"  # export.variant: each student's run a user would pick, chosen on dev (`pick_run`)
@@ -101,14 +103,14 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     trained = _trained_model(params, paths, model, root)
     data, classifier, tokenizer = trained.data, trained.classifier, trained.tokenizer
     teacher = None if trained.run == "teacher" else exported_teacher(paths, trained.dataset, data.config)
+    progress.update("exporting to ONNX (fp32 and int8)", fraction=0.05, force=True)
     test = data.dataset("test", {onnx_export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
     batches = list(make_loader(test, section.throughput_batch, shuffle=False))
     singles = list(make_loader(test, 1, shuffle=False))
-    example = {"pixel_values": batches[0]["pixel_values"], "input_ids": batches[0][f"input_ids_{onnx_export.ROLE}"],
-               "attention_mask": batches[0][f"attention_mask_{onnx_export.ROLE}"]}
-    folder = onnx_export.export_model(classifier, trained.model_cfg, tokenizer, example,
+    folder = onnx_export.export_model(classifier, trained.model_cfg, tokenizer, batches[0],
                                       onnx_export.Preprocessing.of(data.config, data.vocab), paths.export_model(model),
                                       int8=section.int8, int8_reduce_range=section.int8_reduce_range)
+    progress.update("parity with PyTorch on the test split", fraction=0.3, force=True)
     timing = dict(runs=section.latency_runs, warmup=section.warmup)
     sessions = {t: onnx_export.session(folder / onnx_export.FP32, t) for t in section.threads}
     eager = onnx_export.score(lambda b: onnx_export.eager_logits(classifier, b), test)
@@ -116,6 +118,7 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     traced = onnx_export.export_form(classifier)
     parity = onnx_export.check_parity(onnx_export.score(lambda b: onnx_export.eager_logits(traced, b), test), fp32,
                                  section.parity_tolerance, trained=eager)
+    progress.update("latency and throughput", fraction=0.45, force=True)
     result = {
         "model": model, "run": trained.run, "checkpoint": str(trained.checkpoint.relative_to(root)),
         "backbones": f"{trained.model_cfg.vision} + {trained.model_cfg.text}",
@@ -130,6 +133,7 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
         **({"selection": trained.deployed.selection} if trained.deployed.selection else {}),
         "cpu_vnni": cpu_has_vnni(),
     }
+    progress.update("the speed-up over the teacher, then PyTorch's own latency and int8", fraction=0.65, force=True)
     if teacher is not None:
         result["speedup_vs_teacher"] = _speedup_over_teacher(folder, sessions, teacher, trained.dataset, singles,
                                                              timing)
@@ -161,15 +165,20 @@ def _trained_model(params: Mapping, paths: Paths, model: str, root: Path) -> _Tr
     deployed = deployed_run(params, paths, model)
     checkpoint, dataset, run = deployed.checkpoint, deployed.dataset, deployed.run
     data = load_data(params, dataset, root)
-    classifier, payload = load_checkpoint(checkpoint)
+    stage = f"teacher@{dataset}" if run == "teacher" else f"distill@{model}"
+    try:
+        classifier, payload = load_checkpoint(checkpoint)
+    except UnreadableFile as err:
+        raise UnreadableFile(f"checkpoint {err}; to restore or rebuild it: "
+                             f"{restore_or_rerun(root, checkpoint, stage)}") from None
     changed = changed_data_setting(payload["data"], data.config)  # the test split is read as the model was trained
     if changed:
         key, trained, now = changed
         raise onnx_export.ExportError(f"{checkpoint} was trained with data.{dataset}.{key} = {trained!r}, "
-                                 f"params.yaml now says {now!r}: re-run its training stage first")
+                                      f"params.yaml now says {now!r}: re-run its training stage first")
     model_cfg = ModelConfig.from_dict(payload["model_config"])
-    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, build_tokenizer(model_cfg.text, model_cfg.text_weights),
-                    deployed)
+    tokenizer = build_tokenizer(model_cfg.text, model_cfg.text_weights)
+    return _Trained(checkpoint, dataset, run, data, classifier.float().eval(), model_cfg, tokenizer, deployed)
 
 
 def _ort(session):

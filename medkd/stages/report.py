@@ -96,6 +96,27 @@ def read_deployments(params: Mapping, paths: Paths) -> list[dict]:
     return [json.loads(file.read_text()) for file in files if file.exists()]
 
 
+DISTILLED = (tables.KL_ONLY, "tuned")  # the primary student's distilled runs the figures show beside the shipped ones
+
+
+def shown_runs(params: Mapping, runs: pd.DataFrame, deployments: list[dict]) -> pd.DataFrame:
+    """The runs the confusion matrices and curves show: each teacher, each student's shipped run (the one its
+    export stage picked; without exports its no-KD variant's first seed), and the primary student's
+    distilled runs (Hinton KD and the combined loss, first seed); `role` says which."""
+    shipped = {d["model"]: d["run"] for d in deployments if d.get("run") not in (None, "teacher")}
+    picked = []
+    for _, r in runs.iterrows():
+        run = f"{r.variant}/seed-{r.seed}"
+        if r.variant == "teacher":
+            picked.append((r, ""))
+        elif shipped.get(r.model) == run or (r.model not in shipped and r.variant == tables.NO_KD):
+            picked.append((r, " (shipped)" if r.model in shipped else ""))
+        elif r.model == primary_student(params) and r.variant in DISTILLED:
+            picked.append((r, " (distilled)"))
+    frame = pd.DataFrame([{**r.to_dict(), "role": role} for r, role in picked])
+    return frame.drop_duplicates(["dataset", "model", "variant"]) if len(frame) else frame
+
+
 def _write_csv(out: Path, name: str, table: pd.DataFrame) -> None:
     atomic_write(out / f"{name}.csv", lambda p: table.to_csv(p, index=False))
 
@@ -159,8 +180,9 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     figures.plot_f1_per_model(runs, out / "f1_per_model.png")
     figures.plot_per_class_f1(per_class, out / "per_class_f1.png")
     figures.plot_params_vs_f1(runs, out / "params_vs_f1.png")
-    figures.plot_confusions(runs, out / "confusion_matrices.png")
-    figures.plot_training_curves(runs, out / "training_curves.png")
+    shown = shown_runs(params, runs, deployments)
+    figures.plot_confusions(shown, out / "confusion_matrices.png")
+    figures.plot_training_curves(shown, out / "training_curves.png")
     write_text(out / "results.md", page.results_markdown(page.StudyReport(
         runs, hyper, search_metrics, found["intervals"], found["ablations"], masking, drivers, deployment, goals,
         found["claims"], found["teacher"])))

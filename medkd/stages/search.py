@@ -37,9 +37,10 @@ from medkd.config.study import OPTUNA_BEST, Run, seed_lists
 from medkd.data.prepared import PreparedData, load_data
 from medkd.engine.loop import Distillation, TeacherSource, distill_student
 from medkd.engine.teacher_cache import load_or_build_teacher_cache
-from medkd.pipeline.paths import Paths
+from medkd.pipeline.paths import Paths, rebuild_teacher
 from medkd.pipeline.stage import seed_summary
 from medkd.scoring.metrics import headline_metrics
+from medkd.util import progress
 from medkd.util.files import reset_dir, sha256_file, write_json
 from medkd.util.keys import content_key
 
@@ -194,6 +195,11 @@ class Search:
         return study
 
     @property
+    def units(self) -> int:
+        """The stage's runs, for its progress: every trial, then the retrained best on each primary seed."""
+        return self.section.n_trials + (len(seed_lists(self.params)[1]) if self.section.retrain_best else 0)
+
+    @property
     def sampler_seed(self) -> int:
         return self.params.get("seed", 42) if self.section.sampler_seed is None else self.section.sampler_seed
 
@@ -206,7 +212,8 @@ class Search:
         _, _, base_cfg = student_configs(self.params, self.student, "tuned")
         return load_or_build_teacher_cache(self.paths.teacher_checkpoint(self.dataset), self.data, base_cfg,
                                            self.paths.teacher_cache(self.dataset), rebuild_stale=False,
-                                           trunk_dir=self.paths.trunks())
+                                           trunk_dir=self.paths.trunks(),
+                                           rebuild_with=rebuild_teacher(self.paths, self.dataset))
 
 
 def counted_trials(study: optuna.Study) -> int:
@@ -242,16 +249,23 @@ def run_worker(search: Search, worker: int = 0, shared: bool = False, reserve: b
             if epoch < cfg.epochs and trial.should_prune():  # a finished trial keeps its value
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
+        units = search.units
+        label = f"trial {trial.number + 1}/{section.n_trials}"
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, progress.span(
+                    label, min(trial.number, units - 1) / units, min(trial.number + 1, units) / units):
                 result = distill_student(search.data, Distillation(
                     model_cfg, loss_cfg, cfg, Path(tmp), TeacherSource(checkpoint, outputs=cache),
                     trunk_dir=search.paths.trunks(), evaluate_test=False, report_epoch=report_epoch))
-        except (optuna.TrialPruned, KeyboardInterrupt):
+        except optuna.TrialPruned as pruned:
+            print(f"{label}: {pruned}")
+            raise
+        except KeyboardInterrupt:
             raise
         except Exception as err:
             trial.set_user_attr(TRIAL_ERROR_ATTR, f"{type(err).__name__}: {err}")
             raise
+        print(f"{label}: dev avg F1 {result.dev['avg_f1']:.4f}")
         return result.dev["avg_f1"]
 
     if not reserve:
@@ -355,9 +369,12 @@ def collect(search: Search, study: optuna.Study) -> dict:
             print(f"--- retraining the best trial ({best.number}) with seed {seed}")
             run_dir = out / "best" / f"seed-{seed}"
             teacher = TeacherSource(paths.teacher_checkpoint(search.dataset), outputs=search.teacher_cache)
-            distill_student(search.data, Distillation(
-                model_cfg, loss_cfg, cfg, run_dir, teacher, checkpoint_path=paths.search_models() / f"best-seed{seed}.pt",
-                resume_path=paths.resume(run.slug), trunk_dir=paths.trunks()))
+            done = section.n_trials + len(headline)
+            with progress.span(f"retraining the best trial, seed {seed}", done / search.units, (done + 1) / search.units):
+                distill_student(search.data, Distillation(
+                    model_cfg, loss_cfg, cfg, run_dir, teacher,
+                    checkpoint_path=paths.search_models() / f"best-seed{seed}.pt",
+                    resume_path=paths.resume(run.slug), trunk_dir=paths.trunks()))
             paths.clear_resume(run.slug)
             headline[run] = headline_metrics(json.loads((run_dir / "metrics.json").read_text()))
         result_metrics["best_retrained"] = seed_summary(headline)[OPTUNA_BEST]
