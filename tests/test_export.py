@@ -183,11 +183,15 @@ def test_the_speedup_interval_is_the_studys_one_bootstrap_interval(monkeypatch):
 def test_a_students_stage_needs_its_teachers_export_read_as_it_reads_the_data(project, tmp_path):
     import copy
 
+    from medkd.config.sections import teacher_plan
     from medkd.data.prepared import DataConfig
     from medkd.pipeline.stage import Paths
     from medkd.stages.export import exported_teacher
     root, params = project
-    config = DataConfig.from_dict({**params["data"]["medpix"], "root": str(root / params["data"]["medpix"]["root"])})
+    # The teacher reads the test split at its own image size (teachers.medpix.image_size), the rest as the data.
+    teacher_size = teacher_plan(params, "medpix").image_size
+    config = DataConfig.from_dict({**params["data"]["medpix"], "root": str(root / params["data"]["medpix"]["root"]),
+                                   **({"image_size": teacher_size} if teacher_size else {})})
     with pytest.raises(export.ExportError, match="run `dvc repro export-teacher@medpix`"):
         exported_teacher(Paths(tmp_path), "medpix", config)
     if not (root / "models" / "export" / "teacher-medpix").exists():
@@ -196,7 +200,10 @@ def test_a_students_stage_needs_its_teachers_export_read_as_it_reads_the_data(pr
                                            "int8": False}}, "teacher-medpix", root)
     teacher = exported_teacher(Paths(root), "medpix", config)
     assert teacher.image_size == config.image_size and teacher.max_length == config.max_length
-    changed = DataConfig.from_dict({**copy.deepcopy(params["data"]["medpix"]), "max_length": 20})
+    with pytest.raises(export.ExportError, match=f"image_size = {config.image_size}, data.medpix.image_size is now 16"):
+        exported_teacher(Paths(root), "medpix", DataConfig.from_dict({**config.to_dict(), "image_size": 16}))
+    changed = DataConfig.from_dict({**copy.deepcopy(params["data"]["medpix"]), "max_length": 20,
+                                    **({"image_size": teacher_size} if teacher_size else {})})
     with pytest.raises(export.ExportError, match="max_length = 24, data.medpix.max_length is now 20"):
         exported_teacher(Paths(root), "medpix", changed)
 

@@ -50,7 +50,7 @@ ONE_PROBLEM = {
     "a student's data set not under data": (
         lambda p: p["students"]["tiny-c"].update(dataset="woundz"),
         {"students.tiny-c.dataset": "'woundz' has no teacher under `teachers:` (did you mean 'wound'?); "
-                                    "teachers: medpix, medpix-masked, wound"}),
+                                    "teachers: medpix, medpix-scarce, medpix-masked, wound"}),
     "a bad baseline fusion, found before anything trains": (
         lambda p: p["distill"]["baseline"]["model"].update(fusion_dim=10),
         {"distill.baseline.model": "fusion_dim=10 is not divisible by fusion_heads=4"}),

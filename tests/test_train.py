@@ -84,8 +84,13 @@ def test_cache_is_keyed_by_teacher_and_preprocessing(teacher_run, data, tmp_path
     monkeypatch.setattr(cache_module, "build_teacher_cache", lambda *a, **k: calls.append(1) or real_build(*a, **k))
     assert load_or_build_teacher_cache(teacher_run.checkpoint, data, FAST, path)["key"] == first["key"]
     assert calls == []  # reused
+    # Students at another image size read the same teacher outputs: the teacher sees its own size.
     resized = PreparedData.load(DataConfig("medpix", data.config.root, image_size=24, max_length=32))
-    second = load_or_build_teacher_cache(teacher_run.checkpoint, resized, FAST, path)
+    assert load_or_build_teacher_cache(teacher_run.checkpoint, resized, FAST, path)["key"] == first["key"]
+    assert calls == []
+    # A change the teacher does see (its captions cut shorter) is another key, built once.
+    shorter = PreparedData.load(DataConfig("medpix", data.config.root, image_size=32, max_length=20))
+    second = load_or_build_teacher_cache(teacher_run.checkpoint, shorter, FAST, path)
     assert calls == [1] and second["key"] != first["key"]
     # Another teacher (one weight changed) is another key.
     model, payload = load_checkpoint(teacher_run.checkpoint)

@@ -71,6 +71,8 @@ class DatasetSpec:
     fetch: FetchSource | None = None
     # Per task, a pattern for words in the text that name that task's label (data report).
     label_words: Mapping[str, str] = field(default_factory=dict)
+    # The case (patient, study) a record's image comes from: images of one case are labelled, or not, together.
+    case_of: Callable[[Record], str] = lambda record: record.image_id
 
 
 DATASETS: Registry[DatasetSpec] = Registry("data set", DataError)
@@ -89,6 +91,33 @@ def check_leakage(spec: DatasetSpec, text_fields: Sequence[str], label_fields: S
         if name in label_fields:
             raise DataError(f"text field {name!r} is a label column of {spec.title}: feeding it to the "
                             "text encoder leaks the label")
+
+
+UNLABELLED = -1  # the label id of a training image whose label a run may not see (data.<d>.label_fraction)
+
+
+def labelled_cases(records: Sequence[Record], fraction: float, seed: int,
+                   case_of: Callable[[Record], str]) -> np.ndarray:
+    """Which training records keep their labels: whole cases, drawn per joint label (task 1 × task 2 of the
+    case's first image) in a seeded random order until each label holds `fraction` of its images (at
+    least one case). Stratified, so every label is seen; case-disjoint, so no case is half labelled."""
+    by_case: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_case.setdefault(case_of(record), []).append(i)
+    strata: dict[tuple[str, str], list[str]] = {}
+    for case, members in sorted(by_case.items()):
+        strata.setdefault(records[members[0]].labels, []).append(case)
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(records), dtype=bool)
+    for label in sorted(strata):
+        cases = strata[label]
+        wanted, taken = fraction * sum(len(by_case[c]) for c in cases), 0
+        for k in rng.permutation(len(cases)):
+            if taken >= wanted and taken:
+                break
+            keep[by_case[cases[k]]] = True
+            taken += len(by_case[cases[k]])
+    return keep
 
 
 def join_text(parts: Sequence[tuple[str, object]]) -> str:
@@ -202,6 +231,7 @@ MEDPIX = register_dataset(DatasetSpec(
     },
     load_split=load_medpix_split,
     make_synthetic=synthetic.make_synthetic_medpix,
+    case_of=lambda record: record.image_id.split("_")[0],  # MPX1031_synpic20041: case MPX1031
     fetch=FetchSource("CHILab1/MedPix-2.0", "d3bc431576ec8041114806ec3eb58d75adf45029", "MedPix-2-0", max_side=256),
     label_words={"modality": r"\b(CT|MR|MRI|T1|T2|FLAIR|DWI|ADC)\b"},
 ))

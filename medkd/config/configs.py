@@ -63,6 +63,10 @@ class DataConfig(FromMapping):
     # Words and phrases replaced by the tokenizer's mask (or unknown) token in every split's text:
     # whole words, any case, a phrase's words separated by any whitespace (see `mask_words`).
     mask_terms: tuple[str, ...] = ()
+    # Scarce labels: the share of the training split's cases whose labels runs may see (stratified by label,
+    # whole cases; `label_seed` draws them). Training reads the rest's images, never their labels.
+    label_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    label_seed: int = 0
 
     @field_validator("name")
     @classmethod
@@ -107,13 +111,14 @@ class ModelConfig(FromMapping):
     """
 
     vision: str  # a registered vision backbone
-    text: str  # a registered text backbone
+    text: str | None = None  # a registered text backbone; None: the model reads no text (modalities [image])
     fusion_dim: Annotated[int, Field(ge=1)] = 384
     fusion_layers: Annotated[int, Field(ge=1)] = 1
     fusion_heads: Annotated[int, Field(ge=1)] = 8
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrained: bool = False
-    modalities: Annotated[tuple[Literal["image", "text"], ...], Field(min_length=1, max_length=2)] = ("image", "text")
+    # What the model reads; default: image and text, or image alone for a model without a text backbone.
+    modalities: Annotated[tuple[Literal["image", "text"], ...], Field(min_length=1, max_length=2)] | None = None
     vision_weights: str | None = None  # a local weights file or folder; wins over every other source
     text_weights: str | None = None
     # Partial fine-tuning: how many top blocks of each backbone train (CNN stages, ViT blocks, transformer
@@ -129,14 +134,22 @@ class ModelConfig(FromMapping):
 
     @field_validator("text")
     @classmethod
-    def _registered_text(cls, name: str) -> str:
-        return one_of(name, list_backbones("text"), "text backbone")
+    def _registered_text(cls, name: str | None) -> str | None:
+        return None if name is None else one_of(name, list_backbones("text"), "text backbone")
+
+    @model_validator(mode="after")
+    def _text_for_text(self):
+        if self.modalities is None:
+            object.__setattr__(self, "modalities", ("image", "text") if self.text is not None else ("image",))
+        if self.text is None and "text" in self.modalities:
+            raise ValueError("modalities include text, but the model has no text backbone (`text:`)")
+        return self
 
     @model_validator(mode="after")
     def _blocks_exist(self):
         for modality in ("vision", "text"):
             blocks = getattr(self, f"{modality}_train_blocks")
-            if blocks == "all":
+            if blocks == "all" or getattr(self, modality) is None:
                 continue
             spec = get_spec(getattr(self, modality), modality)
             if spec.blocks is None:
@@ -154,8 +167,8 @@ class ModelConfig(FromMapping):
 
     @field_validator("modalities")
     @classmethod
-    def _distinct(cls, modalities: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(modalities)) != len(modalities):
+    def _distinct(cls, modalities: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if modalities is not None and len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must be distinct, got {list(modalities)}")
         return modalities
 

@@ -57,9 +57,11 @@ def loss_term(name: str, *, reads_teacher: bool, module: str) -> Callable[[type[
 
 @loss_term("ce", reads_teacher=False, module="medkd.engine.losses.TaskCrossEntropy")
 class CrossEntropyTerm(TermConfig):
-    """Σ_tasks CE(student logits, labels); `balanced`: each class weighted n / (K · n_class)."""
+    """Σ_tasks CE(student logits, labels); `balanced`: each class weighted n / (K · n_class); `label_smoothing`
+    ε: the target puts 1 − ε on the true class and ε evenly on all (a teacher that does not memorise)."""
 
     class_weights: Literal["none", "balanced"] = "none"
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 @loss_term("kl", reads_teacher=True, module="medkd.engine.losses.SoftTargetKL")

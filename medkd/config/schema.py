@@ -17,9 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medkd.config.configs import data_config
 from medkd.config.problems import ParamsError, Problem, known_keys, problems_of
-from medkd.config.sections import SECTION_CONFIGS, student_configs, teacher_configs, teacher_loss_config, variant_chain
+from medkd.config.sections import (
+    SECTION_CONFIGS,
+    student_configs,
+    teacher_configs,
+    teacher_loss_config,
+    teacher_plan,
+    variant_chain,
+)
 from medkd.config.stage_settings import ExportSection, OptunaSection, SearchLeaf, flatten_search_space
-from medkd.config.study import REQUIRED_VARIANTS, SHARED_DISTILL_KEYS, VARIANT_KEYS, primary_student, variants
+from medkd.config.study import (
+    REQUIRED_VARIANTS,
+    SHARED_DISTILL_KEYS,
+    VARIANT_KEYS,
+    primary_student,
+    student_runs,
+    variants,
+)
 from medkd.util.registry import did_you_mean
 
 # --------------------------------------------------------------------------- the skeleton
@@ -34,6 +48,9 @@ Sub = dict[str, Any]  # a section whose keys a config class checks
 
 class TeacherSection(_Section):
     model: Sub
+    image_size: Any = None  # its own resolution (teacher_plan checks it)
+    seeds: Any = None  # one: a single teacher; several: their ensemble (teacher_plan checks them)
+    export: bool = True  # false: its export stage records that it is not exported (a control's teacher)
     loss: Sub = {}  # the teacher's own loss: CE (class_weights), no distillation terms
     train: Sub = {}
 
@@ -41,9 +58,12 @@ class TeacherSection(_Section):
 class StudentSection(_Section):
     dataset: str
     vision: str
-    text: str
+    text: str | None = None  # none: a student that reads no caption (no text encoder, no tokenizer)
     vision_weights: str | None = None
     text_weights: str | None = None
+    variants: Annotated[list[str], Field(min_length=1)] | None = None  # the variants it trains (default: all)
+    seeds: Literal["default", "primary"] = "default"  # primary: seeds.primary for every run (positive controls)
+    export: bool = True  # false: its export stage records that it is not exported (a control, not a product)
 
 
 class VariantSection(_Section):
@@ -117,6 +137,7 @@ def check_params(params: Any) -> list[Problem]:
     if isinstance(distill, Mapping):
         problems += _variant_problems(params, distill)
         problems += _student_problems(params)
+        problems += _scarce_label_problems(params, problems)
         problems += _export_problems(params, distill)
         if isinstance(params.get("optuna"), Mapping):
             problems += _optuna_problems(params, params["optuna"])
@@ -157,6 +178,7 @@ def _data_and_teacher_problems(params: Mapping) -> list[Problem]:
                                     f"{did_you_mean(dataset, data)}; data sets: {', '.join(data)}"))
         _collect(problems, teacher_configs, params, dataset)
         _collect(problems, teacher_loss_config, params, dataset)
+        _collect(problems, teacher_plan, params, dataset)
     return problems
 
 
@@ -188,19 +210,54 @@ def _variant_problems(params: Mapping, distill: Mapping) -> list[Problem]:
 def _student_problems(params: Mapping) -> list[Problem]:
     problems: list[Problem] = []
     teachers, distill = _mapping(params.get("teachers")), _mapping(params.get("distill"))
+    names = variants(params)
     for student, spec in _mapping(params.get("students")).items():
+        for variant in _mapping(spec).get("variants") or []:
+            if variant not in names:
+                problems.append(Problem(f"students.{student}.variants", f"no variant {variant!r} under `distill:`"
+                                        f"{did_you_mean(variant, names)}; variants: {', '.join(names)}"))
         dataset = _mapping(spec).get("dataset")
         if isinstance(dataset, str) and dataset not in teachers:
             problems.append(Problem(f"students.{student}.dataset", f"{dataset!r} has no teacher under "
                                     f"`teachers:`{did_you_mean(dataset, teachers)}; teachers: {', '.join(teachers)}"))
-        for variant in variants(params):
+        try:  # the variants this student trains (a text-less student is not built with text-only's modalities)
+            runs = list(dict.fromkeys(run.variant for run in student_runs(params, student)))
+        except (KeyError, TypeError, AttributeError, ValueError):
+            runs = variants(params)
+        for variant in runs:
             if isinstance(distill.get(variant), Mapping):  # anything else is the skeleton's problem, said once
                 _collect(problems, student_configs, params, student, variant)
     return problems
 
 
+def _scarce_label_problems(params: Mapping, found: list[Problem]) -> list[Problem]:
+    """A student of a data set with hidden labels (`label_fraction` < 1) may not use CRD: it draws its
+    negatives by the label of every training image. (A variant with problems `found` already is skipped:
+    one mistake, one message.)"""
+    problems = []
+    data = _mapping(params.get("data"))
+    for student, spec in _mapping(params.get("students")).items():
+        dataset = _mapping(spec).get("dataset")
+        fraction = _mapping(data.get(dataset)).get("label_fraction", 1.0)
+        if not isinstance(fraction, (int, float)) or fraction >= 1:
+            continue
+        for variant in dict.fromkeys(run.variant for run in student_runs(params, student)):
+            try:
+                loss = student_configs(params, student, variant)[1]
+            except (ParamsError, KeyError, TypeError, ValueError):
+                continue  # reported where it is built
+            if "crd" in loss.active_terms and not any(p.path.startswith(f"distill.{variant}.") for p in found):
+                problems.append(Problem(f"students.{student}.variants", f"variant {variant!r} has a crd term, which "
+                                        "draws its negatives by the label of every training image, but "
+                                        f"data.{dataset}.label_fraction is {fraction}: list variants without crd"))
+    return problems
+
+
 def _export_problems(params: Mapping, distill: Mapping) -> list[Problem]:
+    problems = _unexported_teacher_problems(params)
     export = params.get("export")
+    if problems:
+        return problems
     if not isinstance(export, Mapping) or export.get("variant", "best") == "best":
         return []
     names = variants(params)
@@ -225,6 +282,7 @@ def _optuna_problems(params: Mapping, section: Mapping) -> list[Problem]:
     dataset = _mapping(students[student]).get("dataset")
     if section.get("dataset") is not None and dataset in teachers and section["dataset"] != dataset:
         problems.append(Problem("optuna.dataset", f"must be {dataset!r}, the data set of student {student!r}"))
+    problems += _trial_seed_problems(params, section)
     per_trial = {f"train.{key}": value for key, value in _mapping(section.get("train")).items()}
     trial_problems: list[Problem] = []
     base_ok = _collect(trial_problems, student_configs, params, student, "tuned", per_trial, source="optuna")
@@ -239,6 +297,23 @@ def _optuna_problems(params: Mapping, section: Mapping) -> list[Problem]:
     for path, raw in leaves.items():
         problems += _search_leaf_problems(params, student, per_trial, path, raw, base_ok)
     return problems
+
+
+def _trial_seed_problems(params: Mapping, section: Mapping) -> list[Problem]:
+    """The search's trial seeds must differ from the retrain's (seeds.primary): a best picked on one draw
+    and scored again on the same draw is biased upwards (the winner's curse)."""
+    if not section.get("retrain_best", True):
+        return []
+    trial = section.get("trial_seeds") or [params.get("seed", 42)]
+    seeds = _mapping(params.get("seeds"))
+    primary = seeds.get("primary") or seeds.get("default") or [params.get("seed", 42)]
+    shared = sorted(set(trial) & set(primary)) if isinstance(trial, list) and isinstance(primary, list) else []
+    if shared:
+        where = "optuna.trial_seeds" if section.get("trial_seeds") else "optuna"
+        return [Problem(where, f"the trials train with seed(s) {shared}, which the retrain of the best uses too "
+                               f"(seeds.primary {primary}): the winner's curse would go unmeasured; set "
+                               "optuna.trial_seeds to seeds outside seeds.primary")]
+    return []
 
 
 def _search_leaf_problems(params: Mapping, student: str, per_trial: Mapping, path: str, raw: Any,
@@ -258,6 +333,20 @@ def _search_leaf_problems(params: Mapping, student: str, per_trial: Mapping, pat
         except ParamsError as err:  # whole-config problems (fusion_dim vs heads) depend on the combination
             problems += [Problem(where, f"value {value!r}: {p.message}") for p in err.problems
                          if p.path.startswith("optuna.") and p.path != f"optuna.{path.split('.')[0]}"]
+    return problems
+
+
+def _unexported_teacher_problems(params: Mapping) -> list[Problem]:
+    """An exported student is timed against its teacher's export, which must then exist."""
+    teachers = _mapping(params.get("teachers"))
+    problems = []
+    for student, spec in _mapping(params.get("students")).items():
+        spec = _mapping(spec)
+        dataset = spec.get("dataset")
+        if spec.get("export", True) and dataset in teachers and _mapping(teachers[dataset]).get("export", True) is False:
+            problems.append(Problem(f"students.{student}.export", f"the student is exported, but its teacher is not "
+                                    f"(teachers.{dataset}.export: false), and a student's speed-up is measured against "
+                                    "its teacher's export: export both or set export: false here too"))
     return problems
 
 

@@ -10,6 +10,7 @@ variant (`loss.kl.weight`, `model.fusion_dim`, `train.lr`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from medkd.config.configs import ModelConfig, TrainConfig
@@ -32,6 +33,30 @@ def teacher_configs(params: Mapping, dataset: str) -> tuple[ModelConfig, TrainCo
     section = params["teachers"][dataset]
     model = build(ModelConfig, [(f"teachers.{dataset}.model", section.get("model"))])
     return model, train_config(params, (f"teachers.{dataset}.train", section.get("train")))
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """How a teacher is trained beyond its model, loss and train sections."""
+
+    image_size: int | None  # its own input resolution; None: its data set's (the students')
+    seeds: tuple[int, ...]  # one: a single teacher; several: the ensemble of one teacher per seed
+
+
+def teacher_plan(params: Mapping, dataset: str) -> TeacherPlan:
+    """`teachers.<dataset>.image_size` and `.seeds` (default: the data set's size, the top-level `seed`)."""
+    section, where = params["teachers"][dataset], f"teachers.{dataset}"
+    size, seeds = section.get("image_size"), section.get("seeds", [params.get("seed", 42)])
+    problems = []
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
+        problems.append(Problem(f"{where}.image_size", f"expected an image size in pixels (an integer >= 8), got {size!r}"))
+    if "seeds" in section and (not isinstance(seeds, list) or not seeds or len(set(map(repr, seeds))) < len(seeds)
+                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        problems.append(Problem(f"{where}.seeds", "expected a list of distinct integer seeds (one: a single teacher; "
+                                                  f"several: their ensemble), got {seeds!r}"))
+    if problems:
+        raise ParamsError(problems)
+    return TeacherPlan(size, tuple(seeds))
 
 
 def teacher_loss_config(params: Mapping, dataset: str) -> LossConfig:
@@ -88,13 +113,14 @@ def student_configs(params: Mapping, student: str, variant: str, overrides: Mapp
         own = [(f"distill.{v}.{name}", distill[v].get(name)) for v in chain]
         return [*own, (f"{source}.{name}", overlay.get(name))]
 
-    student_keys = {k: spec[k] for k in ("vision", "text", "vision_weights", "text_weights") if k in spec}
+    student_keys = {k: spec[k] for k in ("vision", "text", "vision_weights", "text_weights") if spec.get(k) is not None}
     problems, built = [], {}
     for name, make in (
         ("model", lambda: build(ModelConfig, [(f"students.{student}", student_keys),
                                               ("distill", {"pretrained": distill.get("pretrained", True)}),
                                               ("distill.model", distill.get("model")),
-                                              *layers("model")], home=f"students.{student}")),
+                                              *layers("model")],
+                                       home=f"students.{student}")),
         ("loss", lambda: build(LossConfig, layers("loss"), home=f"distill.{variant}.loss")),
         ("train", lambda: train_config(params, ("distill.train", distill.get("train")), *layers("train"),
                                        ("seeds", None if seed is None else {"seed": seed}))),

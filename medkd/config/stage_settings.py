@@ -74,6 +74,9 @@ class OptunaSection(_Section):
     storage: str | None = None  # None: a SQLite file under .medkd/optuna/
     study_name: str | None = None  # None: medkd-<student>
     sampler_seed: int | None = None  # None: the top-level seed
+    # The seeds each trial trains with (its value: their mean dev F1). None: [seed]. Never seeds.primary, the
+    # retrain's: a best picked on one draw and scored on the same draw is biased upwards (the winner's curse).
+    trial_seeds: Annotated[list[int], Field(min_length=1)] | None = None
     n_startup_trials: Annotated[int, Field(ge=0)] = 3
     pruner_startup_trials: Annotated[int, Field(ge=0)] = 2
     pruner_warmup_epochs: Annotated[int, Field(ge=0)] = 0

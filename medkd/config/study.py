@@ -45,9 +45,12 @@ TEACHER_PREFIX = "teacher-"  # export stage models: "teacher-<dataset>" or a stu
 
 
 def exported_models(params: Mapping) -> list[str]:
-    """The models the export stages of `params` write (`export-teacher@<dataset>`, `export@<student>`):
-    each teacher as "teacher-<dataset>", then each student."""
-    return [f"{TEACHER_PREFIX}{dataset}" for dataset in params.get("teachers", {})] + list(params.get("students", {}))
+    """The models the export stages of `params` export (`export-teacher@<dataset>`, `export@<student>`):
+    each teacher as "teacher-<dataset>", then each student; not those marked `export: false` (their stage
+    records only that they are not exported)."""
+    return [f"{TEACHER_PREFIX}{dataset}" for dataset, section in (params.get("teachers") or {}).items()
+            if section.get("export", True)] + [
+        name for name, spec in (params.get("students") or {}).items() if spec.get("export", True)]
 
 
 def primary_student(params: Mapping) -> str | None:
@@ -64,15 +67,29 @@ def seed_lists(params: Mapping) -> tuple[list[int], list[int]]:
 
 
 def student_runs(params: Mapping, student: str) -> list[Run]:
-    """Every run of one student: each variant it takes (`students: all`, or `primary` for the
-    primary student only) with its seeds (`seeds: primary` on the primary student: `seeds.primary`)."""
+    """Every run of one student: each variant it takes with its seeds.
+
+    A variant reaches every student (`students: all`) or the primary one only (`primary`: the ablations),
+    unless the student lists its own (`students.<s>.variants`: exactly those). Seeds: `seeds.primary` on
+    the primary student for variants marked `seeds: primary`, and on every variant of a student marked
+    `seeds: primary` (the positive controls); `seeds.default` otherwise."""
     default, primary = seed_lists(params)
+    spec = (params.get("students") or {}).get(student) or {}
     is_primary = student == primary_student(params)
+    chosen = spec.get("variants")
     runs = []
     for variant in variants(params):
         section = params["distill"][variant] or {}
-        if section.get("students", "all") == "primary" and not is_primary:
+        if chosen is not None and variant not in chosen:
             continue
-        seeds = primary if is_primary and section.get("seeds", "default") == "primary" else default
+        if chosen is None and section.get("students", "all") == "primary" and not is_primary:
+            continue
+        on_primary = is_primary and section.get("seeds", "default") == "primary"
+        seeds = primary if on_primary or spec.get("seeds") == "primary" else default
         runs.extend(Run(variant, seed) for seed in seeds)
     return runs
+
+
+def backbones_of(spec: Mapping) -> str:
+    """A model's backbones as the tables name them: `vision + text`, or the vision one alone."""
+    return f"{spec['vision']} + {spec['text']}" if spec.get("text") else f"{spec['vision']} (no text)"

@@ -6,6 +6,8 @@ What differs between data sets (files, tasks, label and text fields, leakage) is
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -18,7 +20,16 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from tqdm import tqdm
 
-from medkd.catalog.dataset_specs import SPLITS, DataError, Record, SplitSource, Vocab, check_leakage
+from medkd.catalog.dataset_specs import (
+    SPLITS,
+    UNLABELLED,
+    DataError,
+    Record,
+    SplitSource,
+    Vocab,
+    check_leakage,
+    labelled_cases,
+)
 from medkd.config.configs import DataConfig, data_config
 from medkd.util import progress
 from medkd.util.distributed import shard, world_size
@@ -156,24 +167,37 @@ class MultimodalDataset(Dataset):
         texts = [r.text for r in self.records]
         self.tokens = {}
         for role, tokenizer in tokenizers.items():
+            if tokenizer is None:  # a model that reads no text
+                continue
             shown = mask_words(texts, mask_terms, mask_token(tokenizer)) if mask_terms else texts
             enc = tokenizer(shown, padding="max_length", truncation=True, max_length=max_length,
                             return_tensors="pt")
             self.tokens[role] = (enc["input_ids"], enc["attention_mask"])
 
+        self.keep: list[int] | None = None  # the samples a loader draws (None: all)
+
+    def restricted(self, keep: Sequence[int]) -> "MultimodalDataset":
+        """The same samples (indices, caches and teacher outputs unchanged), of which a loader draws `keep`."""
+        view = copy.copy(self)
+        view.keep = list(keep)
+        return view
+
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.keep) if self.keep is not None else len(self.records)
 
     def lengths(self) -> torch.Tensor:
-        """Each sample's longest tokenized text over the roles."""
-        return torch.stack([mask.sum(1) for _, mask in self.tokens.values()]).amax(0)
+        """Each drawn sample's longest tokenized text over the roles (0 for a model that reads none)."""
+        if not self.tokens:
+            return torch.zeros(len(self), dtype=torch.long)
+        lengths = torch.stack([mask.sum(1) for _, mask in self.tokens.values()]).amax(0)
+        return lengths[self.keep] if self.keep is not None else lengths
 
     def by_length(self) -> list[int]:
-        """Sample indices ordered by their longest tokenized text over the roles (stable)."""
+        """Positions of the drawn samples ordered by their longest tokenized text over the roles (stable)."""
         return torch.argsort(self.lengths(), stable=True).tolist()
 
-    def __getitem__(self, index: int) -> int:
-        return index
+    def __getitem__(self, position: int) -> int:
+        return self.keep[position] if self.keep is not None else position
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
@@ -286,11 +310,22 @@ class PreparedData:
         records = load_splits(cfg)
         vocab = Vocab.from_records(records["train"], cfg.task_names)
         labels = {s: torch.from_numpy(vocab.encode(records[s], s)) for s in SPLITS}
+        if cfg.label_fraction < 1:  # scarce labels: the rest of the training split keeps its images, not its labels
+            keep = labelled_cases(records["train"], cfg.label_fraction, cfg.label_seed, cfg.spec.case_of)
+            labels["train"][torch.from_numpy(~keep)] = UNLABELLED
         for split in SPLITS:  # fail before any training if an image is missing
             for r in records[split]:
                 if not r.image_path.exists():
                     raise DataError(f"missing image {r.image_path} for {split} record {r.image_id!r}")
         return cls(cfg, records, labels, vocab)
+
+    def at_image_size(self, image_size: int | None) -> "PreparedData":
+        """The same records and labels read at another image size (a teacher's own resolution); its
+        images and content keys are its own. None or the same size: this data itself."""
+        if image_size is None or image_size == self.config.image_size:
+            return self
+        config = dataclasses.replace(self.config, image_size=image_size)
+        return PreparedData(config, self.records, self.labels, self.vocab)
 
     def images(self, split: str) -> torch.Tensor:
         key = (split, self.config.image_size)
@@ -339,6 +374,10 @@ class PreparedData:
             update(digest)
             self._content_keys[name] = digest.hexdigest()
         return self._content_keys[name]
+
+    def labelled_train(self) -> list[int]:
+        """The training samples whose labels a run may see (all of them unless `label_fraction` < 1)."""
+        return torch.nonzero((self.labels["train"] != UNLABELLED).all(dim=1)).flatten().tolist()
 
     def joint_train_labels(self) -> torch.Tensor:
         return joint_labels(self.labels["train"], self.vocab.num_classes)

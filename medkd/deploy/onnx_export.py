@@ -41,6 +41,7 @@ from torch import nn
 from medkd.catalog.dataset_specs import Vocab
 from medkd.config.configs import DataConfig, ModelConfig
 from medkd.data.prepared import MultimodalDataset, make_loader
+from medkd.models.backbones import VisionBackbone
 from medkd.models.classifier import TASK_LOGITS
 from medkd.scoring.stats import percentile_interval
 from medkd.util.files import replace_dir, write_json
@@ -57,15 +58,19 @@ class ExportError(RuntimeError):
 
 
 class _Logits(nn.Module):
-    """The classifier with the exported interface: three tensors in, the two tasks' logits out."""
+    """The classifier with the exported interface: pixels (and, for a model that reads text, token ids
+    and attention mask) in, the two tasks' logits out."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values, input_ids, attention_mask):
+    def forward(self, pixel_values, input_ids=None, attention_mask=None):
         out = self.model(pixel_values, input_ids, attention_mask)
         return out[TASK_LOGITS[0]], out[TASK_LOGITS[1]]
+
+
+TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
 class _ChannelDifferenceConv(nn.Module):
@@ -97,8 +102,7 @@ def export_form(model: nn.Module) -> nn.Module:
     `_ChannelDifferenceConv`. This is the module the exporter traces, hence the parity check's
     PyTorch reference."""
     model = copy.deepcopy(model)
-    vision = getattr(model, "vision", None)
-    if vision is not None:
+    for vision in [m for m in model.modules() if isinstance(m, VisionBackbone)]:  # an ensemble's members may have own
         first = next(((name, m) for name, m in vision.named_modules()
                       if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1), None)
         if first is not None:
@@ -131,19 +135,19 @@ class Preprocessing:
         return cls(tuple(vocab.tasks), tuple(map(tuple, vocab.classes)), data_config.image_size,
                    data_config.max_length, tuple(data_config.mask_terms))
 
-    def spec(self, model_cfg: ModelConfig, tokenizer_sha256: str) -> dict:
-        """preprocessing.json."""
+    def spec(self, model_cfg: ModelConfig, tokenizer_sha256: str | None) -> dict:
+        """preprocessing.json (`text`: None for a model that reads no text, which takes no tokenizer)."""
         tasks = list(self.tasks)
+        text = {"input_ids": "int64 (B, L)", "attention_mask": "int64 (B, L)"} if tokenizer_sha256 else {}
         return {
             "format": FORMAT,
-            "inputs": {"pixel_values": "float32 (B, 3, S, S) in [0, 1]", "input_ids": "int64 (B, L)",
-                       "attention_mask": "int64 (B, L)"},
+            "inputs": {"pixel_values": "float32 (B, 3, S, S) in [0, 1]", **text},
             "image": {"size": self.image_size, "mode": "RGB (8-bit grayscale is converted to RGB)",
                       "resize": "PIL bilinear to size x size, aspect ratio not kept", "scale": "uint8 / 255",
                       "normalisation": "inside the model"},
             "text": {"tokenizer": TOKENIZER_DIR, "tokenizer_sha256": tokenizer_sha256, "max_length": self.max_length,
                      "truncation": True, "empty_text": "refused", "mask_terms": list(self.mask_terms),
-                     "masking": "whole words, any case, replaced by the tokenizer's mask token"},
+                     "masking": "whole words, any case, replaced by the tokenizer's mask token"} if text else None,
             "tasks": tasks, "classes": {t: list(c) for t, c in zip(tasks, self.classes)},
             "outputs": [f"logits_{t}" for t in tasks],
             "backbones": {"vision": model_cfg.vision, "text": model_cfg.text, "modalities": list(model_cfg.modalities)},
@@ -155,20 +159,24 @@ def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, batch: Map
     """Write the ONNX folder (see the module's docstring) for a trained classifier; returns it.
 
     `batch`: at least two real samples, tokenized for `ROLE` (`dataset.collate`; its shapes are not
-    baked in: batch and sequence axes are dynamic). The folder is written whole or not at all.
+    baked in: batch and sequence axes are dynamic). The folder is written whole or not at all. A model
+    that reads no text (`tokenizer` None) takes the pixels alone and ships no tokenizer.
     """
     tasks = reads.tasks
 
     def fill(staging: Path) -> None:
-        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         wrapped = _Logits(export_form(model.float())).eval()
-        inputs = (batch["pixel_values"].float(), batch[f"input_ids_{ROLE}"], batch[f"attention_mask_{ROLE}"])
         rows, sequence = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
+        inputs, names, shapes = (batch["pixel_values"].float(),), ["pixel_values"], [{0: rows}]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+            inputs += (batch[f"input_ids_{ROLE}"], batch[f"attention_mask_{ROLE}"])
+            names += list(TEXT_INPUTS)
+            shapes += [{0: rows, 1: sequence}] * 2
         outputs = [f"logits_{t}" for t in tasks]
         with torch.no_grad(), _quiet():
             program = torch.onnx.export(
-                wrapped, inputs, dynamo=True, input_names=["pixel_values", "input_ids", "attention_mask"],
-                output_names=outputs, dynamic_shapes=({0: rows}, {0: rows, 1: sequence}, {0: rows, 1: sequence}),
+                wrapped, inputs, dynamo=True, input_names=names, output_names=outputs, dynamic_shapes=tuple(shapes),
                 optimize=True, verbose=False, report=False)
         program.save(str(staging / FP32), external_data=False)
         _stamp_and_check(staging / FP32, tasks)
@@ -176,7 +184,8 @@ def export_model(model: nn.Module, model_cfg: ModelConfig, tokenizer, batch: Map
             with _quiet():
                 quantize_int8(staging / FP32, staging / INT8, reduce_range=int8_reduce_range)
             _stamp_and_check(staging / INT8, tasks)
-        write_json(staging / PREPROCESSING, reads.spec(model_cfg, tokenizer_fingerprint(staging / TOKENIZER_DIR)))
+        fingerprint = tokenizer_fingerprint(staging / TOKENIZER_DIR) if tokenizer is not None else None
+        write_json(staging / PREPROCESSING, reads.spec(model_cfg, fingerprint))
 
     replace_dir(out_dir, fill)
     return Path(out_dir)
@@ -265,14 +274,17 @@ def session(path: Path, threads: int = 1):
 
 
 def onnx_inputs(batch: Mapping[str, torch.Tensor], role: str = ROLE) -> dict[str, np.ndarray]:
-    return {"pixel_values": batch["pixel_values"].float().numpy(),
-            "input_ids": batch[f"input_ids_{role}"].numpy().astype(np.int64),
-            "attention_mask": batch[f"attention_mask_{role}"].numpy().astype(np.int64)}
+    """An export's inputs from a batch: the pixels, and the tokens of `role` where the batch has them."""
+    inputs = {"pixel_values": batch["pixel_values"].float().numpy()}
+    if f"input_ids_{role}" in batch:
+        inputs.update(input_ids=batch[f"input_ids_{role}"].numpy().astype(np.int64),
+                      attention_mask=batch[f"attention_mask_{role}"].numpy().astype(np.int64))
+    return inputs
 
 
 def eager_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], role: str = ROLE) -> list[np.ndarray]:
     with torch.inference_mode():
-        out = model(batch["pixel_values"].float(), batch[f"input_ids_{role}"], batch[f"attention_mask_{role}"])
+        out = model(batch["pixel_values"].float(), batch.get(f"input_ids_{role}"), batch.get(f"attention_mask_{role}"))
     return [out[k].float().numpy() for k in TASK_LOGITS]
 
 

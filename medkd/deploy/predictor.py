@@ -26,7 +26,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,7 +64,14 @@ class Predictor:
     logits: Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]
     source: str
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def reads_text(self) -> bool:
+        return self.tokenizer is not None
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Token ids and attention mask (None, None for a model that reads no text)."""
+        if not self.reads_text:
+            return None, None
         shown = mask_words(texts, self.mask_terms, mask_token(self.tokenizer)) if self.mask_terms else list(texts)
         enc = self.tokenizer(shown, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
@@ -90,15 +97,7 @@ def load_predictor(path: Path, threads: int = 1) -> Predictor:
         raise PredictError(str(err)) from None
     if not onnx_file.exists():
         raise PredictError(f"model {onnx_file} does not exist")
-    tokenizer_dir = folder / spec["text"]["tokenizer"]
-    found = onnx_export.tokenizer_fingerprint(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    if found != spec["text"]["tokenizer_sha256"]:
-        raise PredictError(f"tokenizer {tokenizer_dir} does not match the one {folder / onnx_export.PREPROCESSING} "
-                           "records (sha256 of its files): the model would read other token ids than it was "
-                           "trained with; re-export the model")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = _export_tokenizer(folder, spec["text"]) if spec.get("text") else None
     try:
         session = onnx_export.session(onnx_file, threads)
     except onnx_export.ExportError as err:
@@ -109,10 +108,25 @@ def load_predictor(path: Path, threads: int = 1) -> Predictor:
     outputs = [f"logits_{t}" for t in spec["tasks"]]
 
     def logits(pixels, ids, mask):
-        return session.run(outputs, {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})
+        text = {"input_ids": ids, "attention_mask": mask} if ids is not None else {}
+        return session.run(outputs, {"pixel_values": pixels, **text})
 
-    return Predictor(list(spec["tasks"]), spec["classes"], spec["image"]["size"], spec["text"]["max_length"],
-                     tokenizer, tuple(spec["text"].get("mask_terms", ())), logits, str(onnx_file))
+    text = spec.get("text") or {}
+    return Predictor(list(spec["tasks"]), spec["classes"], spec["image"]["size"], text.get("max_length", 0),
+                     tokenizer, tuple(text.get("mask_terms", ())), logits, str(onnx_file))
+
+
+def _export_tokenizer(folder: Path, text: Mapping):
+    """The export's own tokenizer, refused unless its files are those the export was made with."""
+    tokenizer_dir = folder / text["tokenizer"]
+    found = onnx_export.tokenizer_fingerprint(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    if found != text["tokenizer_sha256"]:
+        raise PredictError(f"tokenizer {tokenizer_dir} does not match the one {folder / onnx_export.PREPROCESSING} "
+                           "records (sha256 of its files): the model would read other token ids than it was "
+                           "trained with; re-export the model")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def _checkpoint_predictor(path: Path, threads: int) -> Predictor:
@@ -127,8 +141,9 @@ def _checkpoint_predictor(path: Path, threads: int) -> Predictor:
     data = payload["data"]
 
     def logits(pixels, ids, mask):
+        tensors = [torch.from_numpy(a) if a is not None else None for a in (pixels, ids, mask)]
         with torch.inference_mode():
-            out = model(torch.from_numpy(pixels), torch.from_numpy(ids), torch.from_numpy(mask))
+            out = model(*tensors)
         return [out[k].float().numpy() for k in TASK_LOGITS]
 
     model_cfg = ModelConfig.from_dict(payload["model_config"])
@@ -141,8 +156,9 @@ def _checkpoint_predictor(path: Path, threads: int) -> Predictor:
 # --------------------------------------------------------------------------- inputs
 
 
-def read_cases(image: str | None, text: str | None, csv: Path | None) -> pd.DataFrame:
-    """(image path, caption) rows from --image/--text or a CSV; every problem is a PredictError."""
+def read_cases(image: str | None, text: str | None, csv: Path | None, needs_text: bool = True) -> pd.DataFrame:
+    """(image path, caption) rows from --image/--text or a CSV (the caption only where the model reads
+    text: `needs_text`); every problem is a PredictError."""
     if csv is not None:
         if image is not None or text is not None:
             raise PredictError("give either --csv or --image with --text, not both")
@@ -153,6 +169,8 @@ def read_cases(image: str | None, text: str | None, csv: Path | None) -> pd.Data
             frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise PredictError(f"CSV {csv} cannot be read: {str(err).splitlines()[0]}") from None
+        if not needs_text and "text" not in frame.columns:
+            frame["text"] = ""
         missing = [c for c in ("image", "text") if c not in frame.columns]
         if missing:
             raise PredictError(f"CSV {csv} lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
@@ -163,9 +181,9 @@ def read_cases(image: str | None, text: str | None, csv: Path | None) -> pd.Data
         frame["path"] = [str(p if Path(p).is_absolute() else csv.parent / p) for p in frame["image"]]
         frame["where"] = [f"{csv} row {k + 2}" for k in range(len(frame))]  # row 1 is the header
         return frame
-    if image is None or text is None:
+    if image is None or (text is None and needs_text):
         raise PredictError("give --image PATH with --text CAPTION, or --csv FILE")
-    return pd.DataFrame({"image": [image], "text": [text], "path": [image], "where": ["--image/--text"]})
+    return pd.DataFrame({"image": [image], "text": [text or ""], "path": [image], "where": ["--image/--text"]})
 
 
 def load_rgb(path: str, size: int, where: str) -> np.ndarray:
@@ -197,7 +215,8 @@ def check_texts(cases: pd.DataFrame) -> None:
 
 def predict(predictor: Predictor, cases: pd.DataFrame, batch_size: int = 32) -> pd.DataFrame:
     """Per sample and task: predicted class, its probability, and each class's probability."""
-    check_texts(cases)
+    if predictor.reads_text:
+        check_texts(cases)
     pixels = np.stack([load_rgb(p, predictor.image_size, w) for p, w in zip(cases["path"], cases["where"])])
     rows: list[dict] = [{"image": image} for image in cases["image"]]
     starts = range(0, len(cases), batch_size)
@@ -259,9 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cases = read_cases(args.image, args.text, args.csv)
-        check_texts(cases)
         predictor = load_predictor(args.model, args.threads)
+        cases = read_cases(args.image, args.text, args.csv, needs_text=predictor.reads_text)
         table = predict(predictor, cases, args.batch_size)
     except PredictError as err:
         print(f"medkd predict: error: {err}", file=sys.stderr)

@@ -48,11 +48,13 @@ def memory_format(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def batch_inputs(batch: Mapping[str, torch.Tensor], role: str, device: torch.device, channels_last: bool = False):
+    """(pixels, token ids, attention mask) of `role`; the last two None where the role reads no text."""
     pixels = batch["pixel_values"].to(device, non_blocking=True)
+    ids, mask = batch.get(f"input_ids_{role}"), batch.get(f"attention_mask_{role}")
     return (
         pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels,
-        batch[f"input_ids_{role}"].to(device, non_blocking=True),
-        batch[f"attention_mask_{role}"].to(device, non_blocking=True),
+        ids.to(device, non_blocking=True) if ids is not None else None,
+        mask.to(device, non_blocking=True) if mask is not None else None,
     )
 
 

@@ -433,6 +433,14 @@ def _model_trunks(model: MultimodalClassifier, data: PreparedData, tokenizer, ro
                                                                cfg.channels_last), augment=cfg.augment)
 
 
+def training_set(data: PreparedData, tokenizers: Mapping, cfg: TrainConfig, reads_teacher: bool):
+    """The samples a run trains on: every training image when it reads the teacher (whose outputs cover
+    them all); otherwise only those whose labels it may see (`data.<d>.label_fraction`)."""
+    dataset = data.dataset("train", tokenizers, augment=cfg.augment)
+    labelled = data.labelled_train()
+    return dataset if reads_teacher or len(labelled) == len(dataset) else dataset.restricted(labelled)
+
+
 def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
                   checkpoint_path: Path | None = None, resume_path: Path | None = None,
                   trunk_dir: Path | None = None, loss_cfg: LossConfig | None = None) -> RunResult:
@@ -458,7 +466,7 @@ def train_teacher(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, 
     loss_fn = CombinedLoss.from_config(loss_cfg, LossContext(
         model.fusion_dim, None, len(data.records["train"]), train_labels=data.labels["train"],
         num_classes=data.vocab.num_classes))
-    loader = make_loader(data.dataset("train", {"teacher": run.tokenizer}, augment=cfg.augment), cfg.batch_size,
+    loader = make_loader(training_set(data, {"teacher": run.tokenizer}, cfg, reads_teacher=False), cfg.batch_size,
                          shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
 
     def compute_loss(batch):
@@ -533,6 +541,11 @@ def _resolve_teacher(run: Distillation, data: PreparedData, device: torch.device
         raise ValueError("a teacher cache cannot serve randomly augmented inputs; use TeacherSource(live=True)")
     if live:
         teacher, payload = load_checkpoint(source.checkpoint, device)
+        if payload["data"]["image_size"] != data.config.image_size:
+            raise ValueError(f"the teacher {source.checkpoint} reads {payload['data']['image_size']} px images and "
+                             f"this student {data.config.image_size} px: a live teacher (augmentation) sees the "
+                             "student's batches, so both need one image size; without augmentation the teacher "
+                             "cache serves any size")
         teacher = memory_format(teacher, cfg).eval().requires_grad_(False)
         return _Teacher("live", state_fingerprint(teacher.state_dict()), payload["dims"], model=teacher,
                         tokenizer=model_tokenizer(payload))
@@ -571,7 +584,7 @@ def distill_student(data: PreparedData, run: Distillation) -> RunResult:
         student.fusion_dim, teacher.dims, n_data=len(data.records["train"]),
         joint_labels=data.joint_train_labels(), seed=cfg.seed, train_labels=data.labels["train"],
         num_classes=data.vocab.num_classes)).to(device)
-    train_set = data.dataset("train", tokenizers, augment=cfg.augment)
+    train_set = training_set(data, tokenizers, cfg, reads_teacher=teacher.mode != "none")
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=cfg.train_by_length)
 
     def compute_loss(batch):

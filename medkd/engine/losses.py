@@ -42,18 +42,24 @@ def kd_kl_loss(
     return kl * temperature**2
 
 
+UNLABELLED = -1  # the label id of a training image whose label a run may not see (data.<d>.label_fraction)
+
+
 class TaskCrossEntropy(nn.Module):
     """Σ_tasks CE(logits_task, labels[:, task]) against the ground truth (the teacher is not used).
 
     With `class_weights` (one tensor per task), each sample's CE is multiplied by its class's
     weight and the batch takes the plain mean, mean_i(w[y_i] · CE_i): with balanced weights (mean 1
     over the training set) an unbiased estimate of the class-balanced risk, and a per-sample mean,
-    so data-parallel ranks combine it exactly.
+    so data-parallel ranks combine it exactly. `label_smoothing` ε: the target is (1 − ε) on the true
+    class plus ε spread evenly over all classes (torch's own). A label `UNLABELLED` takes no part: the
+    mean runs over the batch's labelled samples (under data-parallel training, over each rank's).
     """
 
-    def __init__(self, class_weights: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, class_weights: tuple[torch.Tensor, torch.Tensor] | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.weighted = class_weights is not None
+        self.label_smoothing = label_smoothing
         if self.weighted:
             self.register_buffer("weights_task1", class_weights[0].float())
             self.register_buffer("weights_task2", class_weights[1].float())
@@ -61,20 +67,28 @@ class TaskCrossEntropy(nn.Module):
     @classmethod
     def from_config(cls, cfg: CrossEntropyTerm, ctx: "LossContext") -> "TaskCrossEntropy":
         if cfg.class_weights == "none":
-            return cls()
+            return cls(label_smoothing=cfg.label_smoothing)
         if ctx.train_labels is None or ctx.num_classes is None:
             raise ValueError("class_weights: balanced needs the training labels and class counts in the LossContext")
-        return cls(balanced_class_weights(ctx.train_labels, ctx.num_classes))
+        labelled = ctx.train_labels[(ctx.train_labels != UNLABELLED).all(dim=1)]
+        return cls(balanced_class_weights(labelled, ctx.num_classes), cfg.label_smoothing)
 
     def forward(self, s_out: Outputs, t_out: Outputs | None, labels: torch.Tensor, index=None) -> torch.Tensor:
-        if not self.weighted:
-            return F.cross_entropy(s_out[TASK_LOGITS[0]].float(), labels[:, 0]) + F.cross_entropy(
-                s_out[TASK_LOGITS[1]].float(), labels[:, 1]
-            )
         total = 0.0
-        for task, weights in enumerate((self.weights_task1, self.weights_task2)):
-            per_sample = F.cross_entropy(s_out[TASK_LOGITS[task]].float(), labels[:, task], reduction="none")
-            total = total + (weights[labels[:, task]] * per_sample).mean()
+        weights = (self.weights_task1, self.weights_task2) if self.weighted else (None, None)
+        for task, task_weights in enumerate(weights):
+            logits, target = s_out[TASK_LOGITS[task]].float(), labels[:, task]
+            labelled = target != UNLABELLED
+            if not bool(labelled.any()):
+                total = total + logits.sum() * 0.0  # no label in this batch: nothing to learn from them
+            elif task_weights is None:
+                total = total + F.cross_entropy(logits, target, ignore_index=UNLABELLED,
+                                                label_smoothing=self.label_smoothing)
+            else:
+                per_sample = F.cross_entropy(logits, target, reduction="none", ignore_index=UNLABELLED,
+                                             label_smoothing=self.label_smoothing)
+                weighted = task_weights[target.clamp(min=0)] * per_sample
+                total = total + (weighted.mean() if bool(labelled.all()) else weighted.sum() / labelled.sum())
         return total
 
 

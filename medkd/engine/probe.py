@@ -65,9 +65,12 @@ def linear_probe(data: PreparedData, model_cfg: ModelConfig, cfg: TrainConfig, t
         raise ValueError("linear_probe: c_grid is empty; give at least one inverse regularisation C")
     started = time.perf_counter()
     features, backbone_parameters = pooled_features(data, model_cfg, cfg, trunk_dir)
+    labelled = data.labelled_train()  # the images whose labels a run may see (data.<d>.label_fraction)
+    features["train"] = features["train"][labelled]
     scaler = StandardScaler().fit(features["train"])
     x = {split: scaler.transform(f) for split, f in features.items()}
     labels = {split: data.labels[split].numpy() for split in x}
+    labels["train"] = labels["train"][labelled]
     image_ids = {split: [r.image_id for r in data.records[split]] for split in PROBE_SPLITS}
 
     def fit(c: float) -> list[LogisticRegression]:

@@ -40,6 +40,7 @@ def build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: TrainConfig
     """
     device, bf16 = training_device(cfg) if device is None else (device, uses_bf16(cfg.precision, device))
     payload = payload if payload is not None else read_checkpoint(teacher_ckpt)
+    data = teacher_view(data, payload)
     teacher = model_from_checkpoint(payload, device)
     tokenizer = tokenizer if tokenizer is not None else model_tokenizer(payload)
     loader = make_loader(data.dataset("train", {"teacher": tokenizer}), cfg.eval_batch_size, shuffle=False,
@@ -71,7 +72,7 @@ def load_or_build_teacher_cache(teacher_ckpt: Path, data: PreparedData, cfg: Tra
     payload = read_checkpoint(teacher_ckpt)
     tokenizer = model_tokenizer(payload)
     device, bf16 = training_device(cfg) if device is None else (device, uses_bf16(cfg.precision, device))
-    key = teacher_cache_key(payload, data, tokenizer, bf16)
+    key = teacher_cache_key(payload, teacher_view(data, payload), tokenizer, bf16)
     cache_path = Path(cache_path)
     if not rebuild_stale:
         return _stage_cache(cache_path, key, rebuild_with or "the teacher stage (dvc repro)")
@@ -108,3 +109,8 @@ def model_tokenizer(payload: Mapping):
     """The tokenizer of the model a checkpoint holds."""
     cfg = ModelConfig.from_dict(payload["model_config"])
     return build_tokenizer(cfg.text, cfg.text_weights)
+
+
+def teacher_view(data: PreparedData, payload: Mapping) -> PreparedData:
+    """The data as the teacher of `payload` reads it: at its own image size (`teachers.<dataset>.image_size`)."""
+    return data.at_image_size(payload["data"]["image_size"])

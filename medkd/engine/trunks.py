@@ -123,8 +123,9 @@ def load_or_build(backbone: VisionBackbone | TextBackbone, data: PreparedData, t
         started = time.perf_counter()
         outputs = {split: compute_trunk(backbone, data, split, tokenizer, device, bf16, batch_size) for split in SPLITS}
         atomic_write(path, lambda p: torch.save({"key": key, "outputs": outputs}, p))
-        print(f"trunk pass: {backbone.name} below its top {backbone.train_blocks} block(s), "
-              f"{sum(len(o) for o in outputs.values())} samples, {time.perf_counter() - started:.0f} s (cached in {path})")
+        frozen = "frozen whole" if backbone.train_blocks == 0 else f"frozen below its top {backbone.train_blocks} blocks"
+        print(f"trunk pass: {backbone.name} ({frozen}), {sum(len(o) for o in outputs.values())} samples, "
+              f"{time.perf_counter() - started:.0f} s (cached in {path})")
     if all_ranks:
         barrier()
     outputs = outputs if outputs is not None else _read(path, key)

@@ -359,8 +359,11 @@ def build_backbone(
 # --------------------------------------------------------------------------- tokenizers
 
 
-def build_tokenizer(name: str, weights: str | os.PathLike | None = None):
-    """The tokenizer belonging to a text backbone (teacher and student tokenize separately)."""
+def build_tokenizer(name: str | None, weights: str | os.PathLike | None = None):
+    """The tokenizer belonging to a text backbone (teacher and student tokenize separately); None for no
+    backbone (a model that reads no text)."""
+    if name is None:
+        return None
     spec = get_spec(name, "text")
     if spec.arch_kwargs.get("vocab_size") == len(tiny_vocab()) and spec.hub_id is None:
         from transformers import BertTokenizer

@@ -11,7 +11,7 @@ import torch
 
 from medkd.catalog.dataset_specs import Vocab
 from medkd.config.configs import DataConfig, ModelConfig
-from medkd.models.classifier import MultimodalClassifier, build_model
+from medkd.models.classifier import EnsembleClassifier, MultimodalClassifier, build_model
 from medkd.util.files import atomic_write
 from medkd.util.keys import state_fingerprint
 from medkd.util.stored import load
@@ -19,10 +19,13 @@ from medkd.util.stored import load
 CHECKPOINT_FORMAT = "medkd-checkpoint-1"
 
 
-def save_checkpoint(path: Path, model: MultimodalClassifier, model_cfg: ModelConfig, vocab: Vocab,
-                    data_config: DataConfig, extra: Mapping | None = None) -> str:
+def save_checkpoint(path: Path, model: MultimodalClassifier | EnsembleClassifier, model_cfg: ModelConfig,
+                    vocab: Vocab, data_config: DataConfig, extra: Mapping | None = None) -> str:
+    """`model_cfg`: the model's (an ensemble's: each member's)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     fingerprint = state_fingerprint(state)
+    ensemble = {"members": len(model.members), "shared_backbones": model.shared_backbones} \
+        if isinstance(model, EnsembleClassifier) else {}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_config": model_cfg.to_dict(),
@@ -31,6 +34,7 @@ def save_checkpoint(path: Path, model: MultimodalClassifier, model_cfg: ModelCon
         "dims": {"img_dim": model.img_dim, "txt_dim": model.txt_dim, "fusion_dim": model.fusion_dim},
         "fingerprint": fingerprint,
         "state_dict": state,
+        **ensemble,
         **(extra or {}),
     }
     atomic_write(path, lambda p: torch.save(payload, p))
@@ -51,10 +55,15 @@ def read_checkpoint(path: Path) -> dict:
     return payload
 
 
-def model_from_checkpoint(payload: Mapping, device: torch.device | str = "cpu") -> MultimodalClassifier:
+def model_from_checkpoint(payload: Mapping, device: torch.device | str = "cpu"
+                          ) -> MultimodalClassifier | EnsembleClassifier:
     """The model a checkpoint describes (random init, no download), with its weights."""
     cfg = ModelConfig.from_dict(payload["model_config"])
     vocab = Vocab.from_dict(payload["vocab"])
-    model = build_model(cfg, vocab.num_classes, pretrained=False)
+    if payload.get("members", 1) > 1:
+        model = EnsembleClassifier([build_model(cfg, vocab.num_classes, pretrained=False)
+                                    for _ in range(payload["members"])], payload["shared_backbones"])
+    else:
+        model = build_model(cfg, vocab.num_classes, pretrained=False)
     model.load_state_dict(payload["state_dict"])
     return model.to(device)

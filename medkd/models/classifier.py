@@ -121,17 +121,101 @@ class MultimodalClassifier(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """`vision_trunk`/`text_trunk`: the frozen trunks' outputs for this batch (the trunk cache), used
         in place of the pixels/token ids; the whole model (export, prediction) takes only the inputs."""
+        return self.head(self.encode(pixel_values, input_ids, attention_mask, vision_trunk, text_trunk))
+
+    def encode(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+               vision_trunk: torch.Tensor | None = None, text_trunk: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """The backbones' pooled vectors: `img_raw` and `txt_raw` (those of the modalities it reads)."""
         out = {}
         if self.vision is not None:
             out["img_raw"] = self.vision(pixel_values, vision_trunk)
-            out["img_proj"] = self.img_proj(out["img_raw"])
         if self.text is not None:
             out["txt_raw"] = self.text(input_ids, attention_mask, text_trunk)
-            out["txt_proj"] = self.txt_proj(out["txt_raw"])
+        return out
+
+    def head(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything above the backbones: projections, fusion and the task heads, from `encode`'s vectors."""
+        out = dict(raw)
+        for modality, projection in (("img", self.img_proj), ("txt", self.txt_proj)):
+            if projection is not None:
+                out[f"{modality}_proj"] = projection(raw[f"{modality}_raw"])
         fused = self.fusion(*(out[k] for k in ("img_proj", "txt_proj") if k in out))
         hidden = self.dropout(fused)
         return {"logits_modality": self.head_modality(hidden), "logits_location": self.head_location(hidden),
                 **out, "fused": fused}
+
+
+class EnsembleClassifier(nn.Module):
+    """Several trained classifiers of one config answering as one (Hinton et al.): the members' logits
+    averaged, their fused vectors side by side (what CRD distils), their pooled backbone vectors averaged.
+
+    Members whose backbones hold the same weights (frozen pretrained backbones, the teacher's default
+    at `*_train_blocks: 0`) share one copy, run once per batch: the ensemble then costs one backbone
+    pass plus a fusion and heads per member, in training, in its checkpoint and in its ONNX export.
+    """
+
+    def __init__(self, members: Sequence[MultimodalClassifier], shared_backbones: bool | None = None):
+        """`shared_backbones`: None finds out (same weights, frozen whole); True when rebuilding a saved
+        ensemble whose members shared them."""
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        first = members[0]
+        if shared_backbones is None:
+            shared_backbones = all(_same_backbones(first, m) for m in members[1:])
+        self.shared_backbones = shared_backbones
+        if self.shared_backbones:
+            for member in members[1:]:
+                member.vision, member.text = None, None  # registered once, under members.0
+        self.members = nn.ModuleList(members)
+        self.num_classes = first.num_classes
+        self.fusion_dim = first.fusion_dim * len(members)
+
+    @property
+    def vision(self) -> VisionBackbone | None:
+        """The shared vision backbone (None when members have their own: then no trunk cache is read)."""
+        return self.members[0].vision if self.shared_backbones else None
+
+    @property
+    def text(self) -> TextBackbone | None:
+        return self.members[0].text if self.shared_backbones else None
+
+    @property
+    def img_dim(self) -> int | None:
+        return self.members[0].img_dim
+
+    @property
+    def txt_dim(self) -> int | None:
+        return self.members[0].txt_dim
+
+    def forward(
+        self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+        vision_trunk: torch.Tensor | None = None, text_trunk: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if self.shared_backbones:
+            raw = self.members[0].encode(pixel_values, input_ids, attention_mask, vision_trunk, text_trunk)
+            outs = [member.head(raw) for member in self.members]
+        else:
+            outs = [member(pixel_values, input_ids, attention_mask) for member in self.members]
+        merged = {k: torch.stack([o[k] for o in outs]).mean(dim=0) for k in outs[0] if k != "fused"}
+        merged["fused"] = torch.cat([o["fused"] for o in outs], dim=1)
+        return merged
+
+
+def _same_backbones(a: MultimodalClassifier, b: MultimodalClassifier) -> bool:
+    """Whether two classifiers' backbones hold the same weights (and are frozen whole: nothing trains them)."""
+    for mine, theirs in ((a.vision, b.vision), (a.text, b.text)):
+        if (mine is None) != (theirs is None):
+            return False
+        if mine is None:
+            continue
+        if mine.train_blocks != 0 or theirs.train_blocks != 0:
+            return False
+        state, other = mine.state_dict(), theirs.state_dict()
+        if state.keys() != other.keys() or not all(torch.equal(state[k], other[k]) for k in state):
+            return False
+    return True
 
 
 def build_model(cfg: ModelConfig, num_classes: Sequence[int], pretrained: bool | None = None) -> MultimodalClassifier:

@@ -44,14 +44,14 @@ SUMMARY_METRICS = ("dev_avg_f1", "test_avg_f1")  # what `dvc metrics show` / `dv
 
 
 def seed_summary(headline: Mapping) -> dict:
-    """{variant: {dev_avg_f1, test_avg_f1: means over its seeds, test_avg_f1_std (several seeds), seeds}}: the
+    """{variant: {dev_avg_f1, test_avg_f1: means over its seeds, their _std (several seeds), seeds}}: the
     lean DVC metrics of a stage's runs (each run's own metrics.json keeps its tasks, seeds and environment)."""
     summary: dict = {}
     for variant in dict.fromkeys(run.variant for run in headline):
         frame = pd.DataFrame([values for run, values in headline.items() if run.variant == variant])
         entry = {metric: round(float(frame[metric].mean()), 4) for metric in SUMMARY_METRICS}
         if len(frame) > 1:
-            entry["test_avg_f1_std"] = round(float(frame["test_avg_f1"].std(ddof=1)), 4)
+            entry.update({f"{metric}_std": round(float(frame[metric].std(ddof=1)), 4) for metric in SUMMARY_METRICS})
         entry["seeds"] = len(frame)
         summary[variant] = entry
     return summary

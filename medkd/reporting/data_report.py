@@ -74,6 +74,7 @@ def plot_examples(data: PreparedData, path: Path, per_class: int = 3) -> None:
 def data_report_markdown(summary: Mapping, balance: pd.DataFrame, text_stats: pd.DataFrame) -> str:
     lines = [f"# Data report: {summary['dataset']}", "",
              f"Split sizes: {summary['sizes']}. Text input: {summary['text_fields']}.", "",
+             *([scarce_labels_line(summary["labelled_train"]), ""] if "labelled_train" in summary else []),
              "## Classes per split", "", balance.to_markdown(), "", "## Text", "", text_stats.to_markdown(), ""]
     for column in (c for c in text_stats.columns if c.startswith("names_")):
         task = column.removeprefix("names_").removesuffix("_pct")
@@ -82,3 +83,11 @@ def data_report_markdown(summary: Mapping, balance: pd.DataFrame, text_stats: pd
                   f"published, so the {task} task is partly solvable from text.", ""]
     lines += ["![class balance](class_balance.png)", "", "![examples](examples.png)", ""]
     return "\n".join(lines)
+
+
+def scarce_labels_line(labelled: Mapping) -> str:
+    return (f"Scarce labels: runs see the labels of {labelled['images']} of the {labelled['of_images']} training "
+            f"images ({labelled['images'] / labelled['of_images']:.1%}; {labelled['cases']} whole cases, drawn per "
+            f"joint label to reach `label_fraction` {labelled['fraction']} with `label_seed` {labelled['seed']}, at "
+            "least one case per label); the others keep their images and texts (`label_seen` false in "
+            "manifest_train.csv). Dev and test keep every label.")

@@ -29,7 +29,7 @@ def plot_search_history(trials: pd.DataFrame, path: Path, n_startup_trials: int 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     trials = trials.sort_values("number")
     complete = trials[trials.state == "COMPLETE"]
-    pruned = trials[(trials.state == "PRUNED") & trials.last_epoch_value.notna()]
+    pruned = trials[(trials.state == "PRUNED") & trials.last_step_value.notna()]
     if n_startup_trials:
         ax.axvspan(-0.5, n_startup_trials - 0.5, color="0.9", zorder=0, label=f"random start-up ({n_startup_trials})")
     if len(complete):
@@ -37,7 +37,7 @@ def plot_search_history(trials: pd.DataFrame, path: Path, n_startup_trials: int 
         best = trials.value.where(trials.state == "COMPLETE").cummax().ffill()
         ax.step(trials.number, best, where="post", color="C3", label="best so far")
     if len(pruned):
-        ax.scatter(pruned.number, pruned.last_epoch_value, marker="x", color="C1", s=40, zorder=3,
+        ax.scatter(pruned.number, pruned.last_step_value, marker="x", color="C1", s=40, zorder=3,
                    label="pruned (last epoch's score)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="trial number", ylabel="dev average macro-F1",
@@ -151,8 +151,12 @@ def plot_training_curves(chosen: pd.DataFrame, path: Path) -> None:
         h = r.history
         if h is None or h.empty:
             continue
+        members = ""
+        if "member" in h:  # an ensemble teacher: its members' mean per epoch (each keeps its own best epoch)
+            members = f" (mean of its {h.member.nunique()} members)"
+            h = h.groupby("epoch", as_index=False).mean(numeric_only=True)
         style = {"linestyle": "-" if r.variant in ("teacher", NO_KD) else "--", "marker": "o"}
-        line, = ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]{r.get('role', '')}", **style)
+        line, = ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]{r.get('role', '')}{members}", **style)
         best = h.dev_avg_f1.idxmax()
         ax1.plot(h.epoch[best], h.dev_avg_f1[best], marker="*", markersize=13, color=line.get_color(), zorder=4)
         if "train_ce" in h:

@@ -87,5 +87,29 @@ def load_run(run_dir: Path) -> dict:
     frame = pd.read_csv(run_dir / "predictions_test.csv")
     vocab = vocab_of_predictions(frame, metrics["tasks"])
     history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").exists() else None
+    dev = pd.read_csv(run_dir / "predictions_dev.csv") if (run_dir / "predictions_dev.csv").exists() else None
     return {"metrics": metrics, "test": metrics_from_predictions(frame, vocab), "vocab": vocab, "history": history,
-            "predictions": frame}
+            "predictions": frame, "dev_predictions": dev}
+
+
+def fidelity(student: Mapping[str, pd.DataFrame], teacher: Mapping[str, pd.DataFrame], tasks: Sequence[str]) -> dict:
+    """How closely a student follows its teacher (Stanton et al. 2021), from both runs' prediction frames
+    per split ({"dev": frame, "test": frame}): per split and task the share of images on which their
+    predicted classes match (`agree_<split>_<task>`), and per task the mean KL(teacher || student) of their
+    class probabilities on dev (`kl_dev_<task>`, nats, at T = 1) and the two tasks' mean (`kl_dev`)."""
+    out = {}
+    for split in ("dev", "test"):
+        s, t = student.get(split), teacher.get(split)
+        if s is None or t is None:
+            continue
+        t = t.set_index("image_id").loc[s.image_id]  # the same images in the same order
+        for task in tasks:
+            out[f"agree_{split}_{task}"] = float(np.mean(s[f"{task}_pred"].to_numpy() == t[f"{task}_pred"].to_numpy()))
+            if split == "dev":
+                columns = [c for c in s.columns if c.startswith(f"{task}_prob_")]
+                p_t = np.clip(t[columns].to_numpy(dtype=float), 1e-12, None)
+                p_s = np.clip(s[columns].to_numpy(dtype=float), 1e-12, None)
+                out[f"kl_dev_{task}"] = float(np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1)))
+    if all(f"kl_dev_{task}" in out for task in tasks):
+        out["kl_dev"] = float(np.mean([out[f"kl_dev_{task}"] for task in tasks]))
+    return out

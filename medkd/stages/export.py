@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import pandas as pd
 import torch
 
 from medkd.config.configs import ModelConfig
 from medkd.config.params import project_root
+from medkd.config.sections import teacher_plan
 from medkd.config.stage_settings import export_section
-from medkd.config.study import TEACHER_PREFIX, Run, student_runs
+from medkd.config.study import TEACHER_PREFIX, Run, backbones_of, exported_models, student_runs
 from medkd.data.prepared import PreparedData, load_data, make_loader
 from medkd.deploy import onnx_export
 from medkd.deploy.predictor import PredictError, Predictor, load_predictor
@@ -23,9 +25,11 @@ from medkd.models.backbones import build_tokenizer
 from medkd.models.checkpoint import load_checkpoint
 from medkd.models.classifier import count_parameters
 from medkd.pipeline.paths import Paths, restore_or_rerun
+from medkd.scoring.metrics import predictions_frame
+from medkd.scoring.stats import paired_intervals
 from medkd.util import progress
 from medkd.util.environment import cpu_has_vnni
-from medkd.util.files import reset_dir, write_json
+from medkd.util.files import atomic_write, replace_dir, reset_dir, write_json, write_text
 from medkd.util.stored import UnreadableFile
 
 TEACHER_ROLE = "teacher"  # the token role of the exported teacher's inputs in a student's stage
@@ -100,11 +104,14 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     root = root or project_root()
     paths = Paths(root)
     section = export_section(params)
+    if model not in exported_models(params):
+        return not_exported(paths, model)
     trained = _trained_model(params, paths, model, root)
     data, classifier, tokenizer = trained.data, trained.classifier, trained.tokenizer
-    teacher = None if trained.run == "teacher" else exported_teacher(paths, trained.dataset, data.config)
+    teacher = None if trained.run == "teacher" else exported_teacher(
+        paths, trained.dataset, data.at_image_size(teacher_plan(params, trained.dataset).image_size).config)
     progress.update("exporting to ONNX (fp32 and int8)", fraction=0.05, force=True)
-    test = data.dataset("test", {onnx_export.ROLE: tokenizer, **({TEACHER_ROLE: teacher.tokenizer} if teacher else {})})
+    test = data.dataset("test", {onnx_export.ROLE: tokenizer})
     batches = list(make_loader(test, section.throughput_batch, shuffle=False))
     singles = list(make_loader(test, 1, shuffle=False))
     folder = onnx_export.export_model(classifier, trained.model_cfg, tokenizer, batches[0],
@@ -121,7 +128,7 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     progress.update("latency and throughput", fraction=0.45, force=True)
     result = {
         "model": model, "run": trained.run, "checkpoint": str(trained.checkpoint.relative_to(root)),
-        "backbones": f"{trained.model_cfg.vision} + {trained.model_cfg.text}",
+        "backbones": backbones_of(trained.model_cfg.to_dict()),
         "parameters": count_parameters(classifier), "n_test": len(test), "parity": parity,
         "fp32": {"mb": onnx_export.file_mb(folder / onnx_export.FP32), "avg_f1": round(fp32.avg_f1(), 4),
                  **{f"latency_{t}_thread{'s' if t > 1 else ''}": onnx_export.latency(_ort(sessions[t]), singles, **timing)
@@ -135,16 +142,26 @@ def export_stage(params: Mapping, model: str, root: Path | None = None) -> dict:
     }
     progress.update("the speed-up over the teacher, then PyTorch's own latency and int8", fraction=0.65, force=True)
     if teacher is not None:
-        result["speedup_vs_teacher"] = _speedup_over_teacher(folder, sessions, teacher, trained.dataset, singles,
-                                                             timing)
+        teacher_test = data.at_image_size(teacher.image_size).dataset("test", {TEACHER_ROLE: teacher.tokenizer})
+        pairs = list(zip(singles, make_loader(teacher_test, 1, shuffle=False)))
+        result["speedup_vs_teacher"] = _speedup_over_teacher(folder, sessions, teacher, trained.dataset, pairs, timing)
     result["torch_eager"] = {"latency_1_thread": _eager_latency_one_thread(classifier, singles, timing)}
-    if section.int8:
-        result["int8"] = {**_int8_measurements(folder, test, singles, timing, result["fp32"]["avg_f1"]),
-                          "reduce_range": section.int8_reduce_range}
     report_dir = reset_dir(paths.export_report(model))
+    if section.int8:
+        result["int8"] = {**_int8_measurements(folder, test, singles, timing, fp32, data, report_dir),
+                          "reduce_range": section.int8_reduce_range}
     write_json(report_dir / "deployment.json", result)
     write_json(paths.metrics(f"export-{model}"), lean_metrics(result))
     return {"result": result, "folder": folder}
+
+
+def not_exported(paths: Paths, model: str) -> dict:
+    """The stage of a model marked `export: false`: its outputs say so, and nothing is exported."""
+    result = {"model": model, "exported": False, "why": "export: false in params.yaml (a control, not a product)"}
+    replace_dir(paths.export_model(model), lambda folder: write_text(folder / "NOT_EXPORTED.txt", result["why"] + "\n"))
+    write_json(reset_dir(paths.export_report(model)) / "deployment.json", result)
+    write_json(paths.metrics(f"export-{model}"), {"exported": False})
+    return {"result": result, "folder": paths.export_model(model)}
 
 
 @dataclass
@@ -165,6 +182,8 @@ def _trained_model(params: Mapping, paths: Paths, model: str, root: Path) -> _Tr
     deployed = deployed_run(params, paths, model)
     checkpoint, dataset, run = deployed.checkpoint, deployed.dataset, deployed.run
     data = load_data(params, dataset, root)
+    if run == "teacher":
+        data = data.at_image_size(teacher_plan(params, dataset).image_size)
     stage = f"teacher@{dataset}" if run == "teacher" else f"distill@{model}"
     try:
         classifier, payload = load_checkpoint(checkpoint)
@@ -185,16 +204,17 @@ def _ort(session):
     return lambda batch: session.run(None, onnx_export.onnx_inputs(batch))
 
 
-def _speedup_over_teacher(folder: Path, sessions: Mapping, teacher: Predictor, dataset: str, singles, timing) -> dict:
+def _speedup_over_teacher(folder: Path, sessions: Mapping, teacher: Predictor, dataset: str, pairs, timing) -> dict:
     """The student's paired speed-up over its teacher's export, both on one thread (whatever
-    `export.threads` lists), timed alternately on the same test samples."""
-    single_thread = sessions.get(1) or onnx_export.session(folder / onnx_export.FP32, 1)
+    `export.threads` lists), timed alternately on the same test samples; `pairs`: (the student's batch,
+    the teacher's batch) of each sample, each read as its model reads it (the teacher may take larger images)."""
+    single_thread = _ort(sessions.get(1) or onnx_export.session(folder / onnx_export.FP32, 1))
 
-    def run_teacher(batch):
-        return teacher.logits(*onnx_export.onnx_inputs(batch, TEACHER_ROLE).values())
+    def run_teacher(pair):
+        return teacher.logits(*onnx_export.onnx_inputs(pair[1], TEACHER_ROLE).values())
 
-    return {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1,
-            **onnx_export.paired_speedup(_ort(single_thread), run_teacher, singles, **timing)}
+    return {"teacher": f"{TEACHER_PREFIX}{dataset}", "threads": 1, "teacher_image_size": teacher.image_size,
+            **onnx_export.paired_speedup(lambda pair: single_thread(pair[0]), run_teacher, pairs, **timing)}
 
 
 def _eager_latency_one_thread(classifier: torch.nn.Module, singles, timing) -> dict:
@@ -206,12 +226,26 @@ def _eager_latency_one_thread(classifier: torch.nn.Module, singles, timing) -> d
         torch.set_num_threads(threads)
 
 
-def _int8_measurements(folder: Path, test, singles, timing, fp32_avg_f1: float) -> dict:
+def _int8_measurements(folder: Path, test, singles, timing, fp32: onnx_export.Scored, data, report_dir: Path) -> dict:
+    """The int8 model's size, latency and test F1, and its F1 change from fp32 with a paired bootstrap
+    interval over the test images (both models' per-image predictions are written beside)."""
     int8 = onnx_export.session(folder / onnx_export.INT8, 1)
-    result = {"mb": onnx_export.file_mb(folder / onnx_export.INT8), "avg_f1": round(onnx_export.score(_ort(int8), test).avg_f1(), 4),
-              "latency_1_thread": onnx_export.latency(_ort(int8), singles, **timing)}
-    result["avg_f1_change"] = round(result["avg_f1"] - fp32_avg_f1, 4)
-    return result
+    quantized = onnx_export.score(_ort(int8), test)
+    frames = {kind: scored_frame(scored, data) for kind, scored in (("fp32", fp32), ("int8", quantized))}
+    for kind, frame in frames.items():
+        atomic_write(report_dir / f"predictions_test_{kind}.csv", lambda p, f=frame: f.to_csv(p, index=False))
+    change = paired_intervals(frames, data.vocab.tasks, [("int8", "fp32")]).iloc[-1]
+    return {"mb": onnx_export.file_mb(folder / onnx_export.INT8), "avg_f1": round(quantized.avg_f1(), 4),
+            "latency_1_thread": onnx_export.latency(_ort(int8), singles, **timing),
+            "avg_f1_change": round(quantized.avg_f1() - fp32.avg_f1(), 4),
+            "avg_f1_change_ci95": [round(change.low, 4), round(change.high, 4)]}
+
+
+def scored_frame(scored: onnx_export.Scored, data) -> pd.DataFrame:
+    """An export's test logits as the study's per-image prediction frame (the split's order)."""
+    records = data.records["test"]
+    return predictions_frame(torch.arange(len(records)), [torch.from_numpy(l) for l in scored.logits],
+                             [r.image_id for r in records], data.labels["test"], data.vocab)
 
 
 def exported_teacher(paths: Paths, dataset: str, data_config) -> Predictor:

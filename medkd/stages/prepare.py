@@ -7,7 +7,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from medkd.catalog.dataset_specs import SPLITS
+from medkd.catalog.dataset_specs import SPLITS, UNLABELLED
 from medkd.config.params import project_root
 from medkd.data.prepared import load_data, verify_files
 from medkd.pipeline.paths import Paths
@@ -27,12 +27,19 @@ def prepare_stage(params: Mapping, dataset: str, root: Path | None = None) -> di
                "sizes": {s: len(data.records[s]) for s in SPLITS},
                "classes": {t: list(c) for t, c in zip(tasks, data.vocab.classes)},
                "text_fields": list(data.config.text_fields)}
+    labelled = data.labelled_train()
+    if len(labelled) < len(data.records["train"]):
+        summary["labelled_train"] = {
+            "images": len(labelled), "cases": len({data.config.spec.case_of(data.records["train"][i]) for i in labelled}),
+            "of_images": len(data.records["train"]), "fraction": data.config.label_fraction,
+            "seed": data.config.label_seed}
 
     def write(folder: Path) -> None:
         for split in SPLITS:
+            seen = (data.labels[split] != UNLABELLED).all(dim=1).tolist()  # False: a label no run may read
             rows = [{"index": i, "image_id": r.image_id, "image_sha256": digest,
-                     tasks[0]: r.labels[0], tasks[1]: r.labels[1], "text": r.text}
-                    for i, (r, digest) in enumerate(zip(data.records[split], hashes[split]))]
+                     tasks[0]: r.labels[0], tasks[1]: r.labels[1], "label_seen": shown, "text": r.text}
+                    for i, (r, digest, shown) in enumerate(zip(data.records[split], hashes[split], seen))]
             pd.DataFrame(rows).to_csv(folder / f"manifest_{split}.csv", index=False)
         write_json(folder / "vocab.json", data.vocab.to_dict())
         balance.to_csv(folder / "class_balance.csv")

@@ -11,11 +11,12 @@ import pandas as pd
 
 from medkd.config.configs import data_config
 from medkd.config.params import project_root
+from medkd.config.sections import teacher_plan
 from medkd.config.stage_settings import export_section, optuna_section
-from medkd.config.study import OPTUNA_BEST, exported_models, primary_student, student_runs, variant_bases
+from medkd.config.study import OPTUNA_BEST, backbones_of, exported_models, primary_student, student_runs, variant_bases
 from medkd.pipeline.paths import Paths
 from medkd.reporting import figures, page, tables
-from medkd.scoring.metrics import load_run
+from medkd.scoring.metrics import fidelity, load_run
 from medkd.util.files import atomic_write, reset_dir, write_text
 
 
@@ -23,9 +24,14 @@ def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
     """One row per finished run: teachers, students (each variant and seed), the Optuna best (each seed)."""
     rows = []
     for dataset in params.get("teachers", {}):
-        run = load_run(paths.teacher_report(dataset))
-        rows.append(run_row(dataset, "Teacher", "teacher", params.get("seed", 42), run,
-                         params["teachers"][dataset]["model"]))
+        run, plan, model = load_run(paths.teacher_report(dataset)), teacher_plan(params, dataset), \
+            params["teachers"][dataset]["model"]
+        facts = {"members": len(plan.seeds), "image_size": plan.image_size or data_config(params, dataset).image_size}
+        rows.append({**run_row(dataset, "Teacher", "teacher", plan.seeds[0], run, model), **facts})
+        for seed in plan.seeds if len(plan.seeds) > 1 else ():  # an ensemble's members, each measured alone
+            member = load_run(paths.teacher_report(dataset) / f"member-{seed}")
+            rows.append({**run_row(dataset, "Teacher", tables.TEACHER_MEMBER, seed, member, model), **facts,
+                         "members": 1})
         probe_dir = paths.probe_report(dataset)
         if probe_dir.exists():
             rows.append(run_row(dataset, "Linear probe", tables.PROBE, params.get("seed", 42), load_run(probe_dir),
@@ -41,7 +47,21 @@ def collect_runs(params: Mapping, paths: Paths) -> pd.DataFrame:
         spec = params["students"][student]
         rows.append(run_row(spec["dataset"], student, OPTUNA_BEST, seed,
                          load_run(paths.search_report() / "best" / f"seed-{seed}"), spec))
-    return pd.DataFrame(rows)
+    return with_fidelity(pd.DataFrame(rows))
+
+
+def with_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each student run with its agreement with its data set's teacher and its dev KL to it
+    (`medkd.scoring.metrics.fidelity`); teachers and probes get none."""
+    teachers = {r.dataset: {"dev": r.dev_predictions, "test": r.predictions}
+                for r in runs.itertuples() if r.variant == "teacher"}
+    rows = []
+    for r in runs.itertuples():
+        teacher = teachers.get(r.dataset) if r.variant not in tables.REFERENCES else None
+        found = fidelity({"dev": r.dev_predictions, "test": r.predictions}, teacher, [r.task1, r.task2]) \
+            if teacher else {}
+        rows.append({k.replace(f"_{r.task1}", "_task1").replace(f"_{r.task2}", "_task2"): v for k, v in found.items()})
+    return pd.concat([runs.reset_index(drop=True), pd.DataFrame(rows, index=range(len(runs)))], axis=1)
 
 
 def run_row(dataset: str, name: str, variant: str, seed: int, run: Mapping, spec: Mapping) -> dict:
@@ -50,7 +70,7 @@ def run_row(dataset: str, name: str, variant: str, seed: int, run: Mapping, spec
     test = run["test"]
     return {
         "dataset": dataset, "model": name, "variant": variant, "seed": seed,
-        "backbones": f"{spec['vision']} + {spec['text']}",
+        "backbones": backbones_of(spec),
         "parameters": run["metrics"]["parameters"],
         "task1": tasks[0], "task2": tasks[1],
         "task1_f1": test[tasks[0]]["f1_macro"], "task2_f1": test[tasks[1]]["f1_macro"],
@@ -59,7 +79,7 @@ def run_row(dataset: str, name: str, variant: str, seed: int, run: Mapping, spec
         "seconds": run["metrics"]["seconds"], "n_test": test["n"],
         "confusion1": test[tasks[0]]["confusion"], "confusion2": test[tasks[1]]["confusion"],
         "classes1": run["vocab"].classes[0], "classes2": run["vocab"].classes[1],
-        "history": run["history"], "predictions": run["predictions"],
+        "history": run["history"], "predictions": run["predictions"], "dev_predictions": run["dev_predictions"],
         "environment": run["metrics"].get("environment"),
     }
 
@@ -121,22 +141,37 @@ def _write_csv(out: Path, name: str, table: pd.DataFrame) -> None:
     atomic_write(out / f"{name}.csv", lambda p: table.to_csv(p, index=False))
 
 
-def _dataset_tables(params: Mapping, runs: pd.DataFrame, out: Path) -> dict[str, dict]:
-    """Per data set: the paired intervals, the study table, ablations, claims (the primary student's data
-    set) and the teacher's checks; each written as CSV."""
-    seed, bases, student = params.get("seed", 42), variant_bases(params), primary_student(params)
-    found: dict[str, dict] = {"tables": {}, "intervals": {}, "ablations": {}, "claims": {}, "teacher": {}}
+def claim_students(params: Mapping) -> list[str]:
+    """The students whose distillation is read as a claim: the primary student, then every student marked
+    `seeds: primary` (the positive controls)."""
+    primary = primary_student(params)
+    marked = [name for name, spec in params.get("students", {}).items() if spec.get("seeds") == "primary"]
+    return list(dict.fromkeys([*([primary] if primary else []), *marked]))
+
+
+def _dataset_tables(params: Mapping, runs: pd.DataFrame, out: Path, shipped: Mapping[str, str]) -> dict[str, dict]:
+    """Per data set: the paired intervals, the study table, ablations, claims, fidelity and the teacher's
+    checks (dev and test, and its lead goal); each written as CSV."""
+    seed, bases = params.get("seed", 42), variant_bases(params)
+    found: dict[str, dict] = {key: {} for key in ("tables", "intervals", "ablations", "claims", "teacher",
+                                                  "fidelity", "lead")}
     for dataset in runs.dataset.unique():
         intervals = found["intervals"][dataset] = tables.interval_table(runs, dataset, seed=seed, bases=bases)
         _write_csv(out, f"intervals_{dataset}", intervals)
-        found["tables"][dataset] = tables.study_table(runs, dataset, intervals)
+        found["tables"][dataset] = tables.study_table(runs, dataset, intervals, shipped)
         _write_csv(out, f"table_{dataset}", found["tables"][dataset])
         found["ablations"][dataset] = tables.ablation_table(intervals, bases)
-        if student is not None and params["students"][student]["dataset"] == dataset:
-            found["claims"][dataset] = tables.claims_table(intervals, student)
+        students = [s for s in claim_students(params) if params["students"][s]["dataset"] == dataset]
+        found["claims"][dataset] = tables.claims_table(intervals, students)
+        if len(found["claims"][dataset]):
             _write_csv(out, f"claims_{dataset}", found["claims"][dataset])
-        students = [name for name, spec in params.get("students", {}).items() if spec["dataset"] == dataset]
-        found["teacher"][dataset] = tables.teacher_table(intervals, students)
+        found["fidelity"][dataset] = tables.fidelity_table(runs, dataset)
+        if len(found["fidelity"][dataset]):
+            _write_csv(out, f"fidelity_{dataset}", found["fidelity"][dataset])
+        dev = tables.teacher_comparisons(runs, dataset, "dev", seed=seed)
+        found["teacher"][dataset] = tables.teacher_table(tables.teacher_comparisons(runs, dataset, "test", seed=seed),
+                                                         dev)
+        found["lead"][dataset] = tables.teacher_lead(runs, dev, dataset)
         if len(found["teacher"][dataset]):
             _write_csv(out, f"teacher_{dataset}", found["teacher"][dataset])
     return found
@@ -153,7 +188,9 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     runs = collect_runs(params, paths)
     search_metrics = _read_json(paths.metrics("search"))
     hyper = tables.hyperparameter_table(params, _read_json(paths.search_report() / "best_params.json"))
-    found = _dataset_tables(params, runs, out)
+    deployments = read_deployments(params, paths)
+    shipped = {d["model"]: d["run"].split("/")[0] for d in deployments if d.get("run") not in (None, "teacher")}
+    found = _dataset_tables(params, runs, out, shipped)
     masking = tables.masking_table(runs, masked_pairs(params), seed=params.get("seed", 42))
     if len(masking):
         _write_csv(out, "masking", masking)
@@ -166,7 +203,6 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     if probes:
         figures.plot_loss_drivers(probes, out / "loss_drivers.png")
         _write_csv(out, "loss_drivers", drivers)
-    deployments = read_deployments(params, paths)
     deployment = tables.deployment_table(deployments) if deployments else None
     section = export_section(params)
     goals = tables.deployment_goals(deployments, section.speedup_goal, section.int8_max_f1_drop) if deployments else []
@@ -185,6 +221,6 @@ def report_stage(params: Mapping, root: Path | None = None) -> dict:
     figures.plot_training_curves(shown, out / "training_curves.png")
     write_text(out / "results.md", page.results_markdown(page.StudyReport(
         runs, hyper, search_metrics, found["intervals"], found["ablations"], masking, drivers, deployment, goals,
-        found["claims"], found["teacher"])))
+        found["claims"], found["teacher"], found["fidelity"], found["lead"], found["tables"])))
     return {"runs": runs, **found, "masking": masking, "drivers": drivers, "deployment": deployment, "goals": goals,
             "hyper": hyper, "out": out}

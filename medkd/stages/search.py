@@ -195,6 +195,11 @@ class Search:
         return study
 
     @property
+    def trial_seeds(self) -> list[int]:
+        """The seeds every trial trains with (`optuna.trial_seeds`; default: the top-level seed)."""
+        return list(self.section.trial_seeds or [self.params.get("seed", 42)])
+
+    @property
     def units(self) -> int:
         """The stage's runs, for its progress: every trial, then the retrained best on each primary seed."""
         return self.section.n_trials + (len(seed_lists(self.params)[1]) if self.section.retrain_best else 0)
@@ -222,6 +227,55 @@ def counted_trials(study: optuna.Study) -> int:
                for t in study.get_trials(deepcopy=False))
 
 
+def objective(search: Search):
+    """The function Optuna maximises: a trial's values trained on each of `optuna.trial_seeds` (seeds the
+    retrain never uses), its dev average macro-F1 averaged over them. Each epoch's dev score is reported
+    at step (seed's position · epochs + epoch), so the median pruner compares like with like."""
+    section, cache = search.section, search.teacher_cache
+    per_trial = {f"train.{key}": value for key, value in section.train.items()}
+    checkpoint = search.paths.teacher_checkpoint(search.dataset)
+    seeds = search.trial_seeds
+
+    def run(trial) -> float:
+        values = suggest(trial, section.search_space)
+        trial.set_user_attr("seeds", seeds)
+        label = f"trial {trial.number + 1}/{section.n_trials}"
+        scores = []
+        for position, seed in enumerate(seeds):
+            try:
+                model_cfg, loss_cfg, cfg = student_configs(search.params, search.student, "tuned",
+                                                           {**values, **per_trial}, "optuna", seed=seed)
+            except ParamsError as err:  # a combination no model can have, e.g. fusion_dim not divisible by heads
+                raise optuna.TrialPruned(str(err)) from None
+
+            def report_epoch(epoch: int, score: float, position=position, epochs=cfg.epochs) -> None:
+                trial.report(score, position * epochs + epoch)
+                last = position == len(seeds) - 1 and epoch == epochs
+                if not last and trial.should_prune():  # a finished trial keeps its value
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch} of seed {seed}")
+
+            units, done = search.units, min(trial.number + position / len(seeds), search.units - 1)
+            try:
+                with tempfile.TemporaryDirectory() as tmp, progress.span(
+                        f"{label}, seed {seed}", done / units, (done + 1 / len(seeds)) / units):
+                    result = distill_student(search.data, Distillation(
+                        model_cfg, loss_cfg, cfg, Path(tmp), TeacherSource(checkpoint, outputs=cache),
+                        trunk_dir=search.paths.trunks(), evaluate_test=False, report_epoch=report_epoch))
+            except optuna.TrialPruned as pruned:
+                print(f"{label}: {pruned}")
+                raise
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:
+                trial.set_user_attr(TRIAL_ERROR_ATTR, f"{type(err).__name__}: {err}")
+                raise
+            scores.append(result.dev["avg_f1"])
+        print(f"{label}: dev avg F1 {sum(scores) / len(scores):.4f} (seeds {', '.join(map(str, seeds))})")
+        return sum(scores) / len(scores)
+
+    return run
+
+
 def run_worker(search: Search, worker: int = 0, shared: bool = False, reserve: bool = True) -> int:
     """Run trials until the study holds `n_trials` of them; return how many this worker ran.
 
@@ -230,54 +284,18 @@ def run_worker(search: Search, worker: int = 0, shared: bool = False, reserve: b
     exists because every worker enqueues before it takes. A trial that raises is recorded as
     failed (with its error) and counts; one whose worker was killed does not, and is run again.
     """
-    section = search.section
     study = search.study(worker, shared)
-    cache = search.teacher_cache
-    per_trial = {f"train.{key}": value for key, value in section.train.items()}
-    checkpoint = search.paths.teacher_checkpoint(search.dataset)
-
-    def objective(trial):
-        values = suggest(trial, section.search_space)
-        try:
-            model_cfg, loss_cfg, cfg = student_configs(search.params, search.student, "tuned",
-                                                       {**values, **per_trial}, "optuna")
-        except ParamsError as err:  # a combination no model can have, e.g. fusion_dim not divisible by heads
-            raise optuna.TrialPruned(str(err)) from None
-
-        def report_epoch(epoch: int, score: float) -> None:
-            trial.report(score, epoch)
-            if epoch < cfg.epochs and trial.should_prune():  # a finished trial keeps its value
-                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
-
-        units = search.units
-        label = f"trial {trial.number + 1}/{section.n_trials}"
-        try:
-            with tempfile.TemporaryDirectory() as tmp, progress.span(
-                    label, min(trial.number, units - 1) / units, min(trial.number + 1, units) / units):
-                result = distill_student(search.data, Distillation(
-                    model_cfg, loss_cfg, cfg, Path(tmp), TeacherSource(checkpoint, outputs=cache),
-                    trunk_dir=search.paths.trunks(), evaluate_test=False, report_epoch=report_epoch))
-        except optuna.TrialPruned as pruned:
-            print(f"{label}: {pruned}")
-            raise
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:
-            trial.set_user_attr(TRIAL_ERROR_ATTR, f"{type(err).__name__}: {err}")
-            raise
-        print(f"{label}: dev avg F1 {result.dev['avg_f1']:.4f}")
-        return result.dev["avg_f1"]
-
+    run = objective(search)
     if not reserve:
-        study.optimize(objective, n_trials=1, gc_after_trial=True, catch=(Exception,))
+        study.optimize(run, n_trials=1, gc_after_trial=True, catch=(Exception,))
         return 1
     ran = 0
     while True:
         with search.lock():
-            if counted_trials(study) >= section.n_trials:
+            if counted_trials(study) >= search.section.n_trials:
                 return ran
             study.enqueue_trial({}, user_attrs={"worker": worker})
-        study.optimize(objective, n_trials=1, gc_after_trial=True, catch=(Exception,))
+        study.optimize(run, n_trials=1, gc_after_trial=True, catch=(Exception,))
         ran += 1
 
 
@@ -315,13 +333,16 @@ def search_stage(params: Mapping, root: Path | None = None) -> dict:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, dev score, parameters, state, seconds, and the last epoch it reported
-    (a pruned trial's score there): what the report's search figure draws."""
-    trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration"))
+    """One row per trial: number, dev score, parameters, state, the seeds it trained with, seconds, and the last
+    step it reported (seed's position · epochs + epoch; a pruned trial's score there): what the report's
+    search figure draws."""
+    trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration", "user_attrs"))
+    trials = trials.drop(columns=[c for c in trials if c.startswith("user_attrs_") and c != "user_attrs_seeds"])
+    trials = trials.rename(columns={"user_attrs_seeds": "seeds"})
     trials["duration_s"] = trials.pop("duration").dt.total_seconds().round(1)
     last = {t.number: max(t.intermediate_values) for t in study.trials if t.intermediate_values}
-    trials["last_epoch"] = trials["number"].map(last)
-    trials["last_epoch_value"] = [t.intermediate_values[last[t.number]] if t.number in last else None
+    trials["last_step"] = trials["number"].map(last)
+    trials["last_step_value"] = [t.intermediate_values[last[t.number]] if t.number in last else None
                                   for t in sorted(study.trials, key=lambda t: t.number)]
     return trials
 
@@ -355,6 +376,7 @@ def collect(search: Search, study: optuna.Study) -> dict:
     found = importances(study, search.sampler_seed)
     write_json(out / "importances.json", found)
     result_metrics = {"best_dev_avg_f1": round(best.value, 4), "best_trial": best.number,
+                      "trial_seeds": search.trial_seeds,
                       # A best among the random start-up trials says the sampler's model added nothing yet.
                       "best_is_startup_trial": best.number < section.n_startup_trials,
                       "n_trials": len(study.trials),
