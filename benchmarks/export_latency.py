@@ -122,6 +122,12 @@ def speedup_row(name: str, student_params: int, teacher_params: int, paired: dic
             "95% CI": f"[{low:.2f}, {high:.2f}]", f"≥ {goal:g}×": speedup_verdict(paired, goal)}
 
 
+def predictor_logits(predictor, batch, role: str = export.ROLE):
+    """An export's logits for a batch; a student without text gets no token ids."""
+    inputs = export.onnx_inputs(batch, role)
+    return predictor.logits(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"))
+
+
 def trained_exports(params, section, names, args) -> tuple[list[dict], list[dict]]:
     """The study's exports: each student's paired speed-up, and every model's int8 change on test."""
     rows, int8_rows, datas = [], [], {}
@@ -137,8 +143,7 @@ def trained_exports(params, section, names, args) -> tuple[list[dict], list[dict
         data = datas[dataset].at_image_size(fp32.image_size)
         test = data.dataset("test", {export.ROLE: fp32.tokenizer})
         if (folder / export.INT8).exists():
-            frames = {kind: scored_frame(export.score(lambda b, p=predictor: p.logits(
-                *export.onnx_inputs(b).values()), test), data)
+            frames = {kind: scored_frame(export.score(lambda b, p=predictor: predictor_logits(p, b), test), data)
                 for kind, predictor in (("fp32", fp32), ("int8", load_predictor(folder / export.INT8, threads=1)))}
             change = paired_intervals(frames, data.vocab.tasks, [("int8", "fp32")]).iloc[-1]
             int8_rows.append({"model": model, "int8 − fp32 test avg F1": f"{change.estimate:+.4f}",
@@ -148,8 +153,8 @@ def trained_exports(params, section, names, args) -> tuple[list[dict], list[dict
             continue
         teacher = load_predictor(REPO / "models" / "export" / f"{TEACHER_PREFIX}{dataset}", threads=1)
         teacher_test = datas[dataset].at_image_size(teacher.image_size).dataset("test", {"teacher": teacher.tokenizer})
-        paired = paired_rows(lambda b: fp32.logits(*export.onnx_inputs(b).values()),
-                             lambda b: teacher.logits(*export.onnx_inputs(b, "teacher").values()), test, teacher_test,
+        paired = paired_rows(lambda b: predictor_logits(fp32, b), lambda b: predictor_logits(teacher, b, "teacher"),
+                             test, teacher_test,
                              args.runs, args.warmup)
         deployed = json.loads((REPO / "reports" / "export" / model / "deployment.json").read_text())
         teacher_deployed = json.loads((REPO / "reports" / "export" / f"{TEACHER_PREFIX}{dataset}" /

@@ -272,3 +272,12 @@ def test_check_params_names_each_new_options_key_path(change, where, says):
     change(params)
     problems = [p for p in check_params(params) if not p.path.endswith(".root")]
     assert any(p.path == where and says in p.message for p in problems), problems
+
+
+def test_the_scarce_label_teacher_has_the_studys_teacher_recipe():
+    """Positive control 2 changes the labels its teacher sees, not how the teacher is made: params.yaml's
+    medpix-scarce teacher is the medpix one but for its members and whether it is exported."""
+    teachers = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["teachers"]
+    recipe = {key: value for key, value in teachers["medpix"].items() if key not in ("seeds", "export")}
+    assert {key: value for key, value in teachers["medpix-scarce"].items() if key not in ("seeds", "export")} == recipe
+    assert teachers["medpix-scarce"]["export"] is False

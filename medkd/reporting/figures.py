@@ -14,7 +14,7 @@ import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
 from medkd.reporting.plots import log_x_axis, save_figure
-from medkd.reporting.tables import MAIN_VARIANTS, NO_KD, model_groups, run_names
+from medkd.reporting.tables import NO_KD, PROBE, TEACHER_MEMBER, model_groups, run_names
 
 
 def plot_search(trials: pd.DataFrame, importances: Mapping, out: Path, n_startup_trials: int = 0) -> None:
@@ -111,11 +111,12 @@ def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
 
 
 def plot_params_vs_f1(runs: pd.DataFrame, path: Path) -> None:
-    """Size against test average macro-F1 (seed means) of the teacher and each student's tuned,
-    baseline, no-KD and Optuna-best models; students by marker, variants by colour."""
-    groups = model_groups(runs[runs.variant.isin(["teacher", *MAIN_VARIANTS])])
-    groups = groups.assign(params_m=groups.parameters / 1e6)
-    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
+    """Size against test average macro-F1 (seed means) of each teacher and every variant of each
+    student; models by marker (with their data set where there are several), variants by colour."""
+    groups = model_groups(runs[~runs.variant.isin([TEACHER_MEMBER, PROBE])])
+    named = _dataset_prefix(groups)
+    groups = groups.assign(params_m=groups.parameters / 1e6, model=[f"{named(r)}{r.model}" for r in groups.itertuples()])
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
     sns.scatterplot(groups, x="params_m", y="avg_f1", hue="variant", style="model", s=90, ax=ax)
     log_x_axis(ax)
     ax.set_xlabel("parameters (millions, log scale)")
@@ -125,17 +126,24 @@ def plot_params_vs_f1(runs: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _dataset_prefix(chosen: pd.DataFrame):
+    """A run's label prefix: its data set where the runs come from several ("medpix-scarce: "), else nothing."""
+    several = "dataset" in chosen and chosen.dataset.nunique() > 1
+    return lambda r: f"{r.dataset}: " if several else ""
+
+
 def plot_confusions(chosen: pd.DataFrame, path: Path) -> None:
     """Test confusion matrices of the runs `chosen` (one row each): the teacher, each student's shipped
     run, the distilled ones (the report picks them)."""
     fig, axes = plt.subplots(len(chosen), 2, figsize=(11, 4.4 * len(chosen)), squeeze=False, layout="constrained")
+    named = _dataset_prefix(chosen)
     for (ax1, ax2), (_, r) in zip(axes, chosen.iterrows()):
         for ax, key, cls, task in ((ax1, "confusion1", r.classes1, r.task1), (ax2, "confusion2", r.classes2, r.task2)):
             names = [textwrap.fill(c, 12) for c in cls]
             sns.heatmap(np.array(r[key]), annot=True, fmt="d", cbar=False, xticklabels=names, yticklabels=names,
                         cmap="Blues", ax=ax, annot_kws={"fontsize": 8})
             seed = "" if r.variant == "teacher" else f", seed {r.seed}"
-            ax.set_title(f"{r.model} [{r.variant}{seed}]{r.get('role', '')}: {task}", fontsize=9)
+            ax.set_title(f"{named(r)}{r.model} [{r.variant}{seed}]{r.get('role', '')}: {task}", fontsize=9)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
             ax.tick_params(axis="x", rotation=0, labelsize=7)
@@ -147,6 +155,7 @@ def plot_training_curves(chosen: pd.DataFrame, path: Path) -> None:
     """Dev average macro-F1 and the training cross-entropy (the one loss every run has, unweighted) per
     epoch of the runs `chosen`: the teacher, each student's shipped run, the distilled ones."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    named = _dataset_prefix(chosen)
     for _, r in chosen.iterrows():
         h = r.history
         if h is None or h.empty:
@@ -156,7 +165,7 @@ def plot_training_curves(chosen: pd.DataFrame, path: Path) -> None:
             members = f" (mean of its {h.member.nunique()} members)"
             h = h.groupby("epoch", as_index=False).mean(numeric_only=True)
         style = {"linestyle": "-" if r.variant in ("teacher", NO_KD) else "--", "marker": "o"}
-        line, = ax1.plot(h.epoch, h.dev_avg_f1, label=f"{r.model} [{r.variant}]{r.get('role', '')}{members}", **style)
+        line, = ax1.plot(h.epoch, h.dev_avg_f1, label=f"{named(r)}{r.model} [{r.variant}]{r.get('role', '')}{members}", **style)
         best = h.dev_avg_f1.idxmax()
         ax1.plot(h.epoch[best], h.dev_avg_f1[best], marker="*", markersize=13, color=line.get_color(), zorder=4)
         if "train_ce" in h:

@@ -100,8 +100,8 @@ def _table_sections(tables: Mapping[str, pd.DataFrame], heading: str, explanatio
 
 CLAIMS_SECTION = (
     "Does distillation help?",
-    "The primary student with each kind of teacher signal against the same student trained alone (no-KD: CE only, "
-    "same schedule and seeds). Intervals resample the test images and each arm's seeds together, so they cover "
+    "Each student with each kind of teacher signal it was trained with, against the same student trained alone "
+    "(no-KD: CE only, same schedule and seeds). Intervals resample the test images and each arm's seeds together, so they cover "
     "seed-to-seed variation too; a comparison with fewer than 3 seeds on an arm is not read as a claim.")
 TEACHER_SECTION = (
     "Is the teacher worth distilling?",

@@ -384,8 +384,9 @@ def teacher_lead(runs: pd.DataFrame, dev: pd.DataFrame, dataset: str) -> str | N
     found = _difference(dev.set_index("name"), "teacher", run_label(best, NO_KD))
     if found is None:
         return None
-    estimate, low, high, seeds = found
+    estimate, low, high, _ = found
     met = estimate >= TEACHER_LEAD_GOAL and low > 0
+    seeds = int((alone.model == best).sum())  # the student's; the fewer arm is the teacher, one model
     return (f"Teacher lead on dev over the best student trained alone ({best}, {seeds} seed{'s' * (seeds != 1)}): "
             f"{estimate:+.3f} "
             f"[{low:+.3f}, {high:+.3f}]; goal: at least +{TEACHER_LEAD_GOAL:.2f} with an interval above 0: "

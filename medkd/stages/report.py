@@ -116,14 +116,15 @@ def read_deployments(params: Mapping, paths: Paths) -> list[dict]:
     return [json.loads(file.read_text()) for file in files if file.exists()]
 
 
-DISTILLED = (tables.KL_ONLY, "tuned")  # the primary student's distilled runs the figures show beside the shipped ones
+DISTILLED = (tables.KL_ONLY, "tuned")  # the claim students' distilled runs the figures show beside the shipped ones
 
 
 def shown_runs(params: Mapping, runs: pd.DataFrame, deployments: list[dict]) -> pd.DataFrame:
     """The runs the confusion matrices and curves show: each teacher, each student's shipped run (the one its
-    export stage picked; without exports its no-KD variant's first seed), and the primary student's
-    distilled runs (Hinton KD and the combined loss, first seed); `role` says which."""
+    export stage picked; without exports its no-KD variant's first seed), and the distilled runs (Hinton KD
+    and the combined loss, first seed) of every student read as a claim; `role` says which."""
     shipped = {d["model"]: d["run"] for d in deployments if d.get("run") not in (None, "teacher")}
+    claimed = claim_students(params)
     picked = []
     for _, r in runs.iterrows():
         run = f"{r.variant}/seed-{r.seed}"
@@ -131,7 +132,7 @@ def shown_runs(params: Mapping, runs: pd.DataFrame, deployments: list[dict]) -> 
             picked.append((r, ""))
         elif shipped.get(r.model) == run or (r.model not in shipped and r.variant == tables.NO_KD):
             picked.append((r, " (shipped)" if r.model in shipped else ""))
-        elif r.model == primary_student(params) and r.variant in DISTILLED:
+        elif r.model in claimed and r.variant in DISTILLED:
             picked.append((r, " (distilled)"))
     frame = pd.DataFrame([{**r.to_dict(), "role": role} for r, role in picked])
     return frame.drop_duplicates(["dataset", "model", "variant"]) if len(frame) else frame
