@@ -54,6 +54,16 @@ def _ci(row: pd.Series | None) -> str:
     return f"[{row.low:{sign}.3f}, {row.high:{sign}.3f}]"
 
 
+def _signed(estimate: float, low: float, high: float) -> str:
+    """A difference and its interval, each rounded once: "+0.012 [-0.004, +0.030]"."""
+    return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _reading(low: float, high: float, above: str, below: str) -> str:
+    """`above` when the whole interval is above 0, `below` when wholly below, else "not detectable"."""
+    return above if low > 0 else below if high < 0 else "not detectable"
+
+
 def study_table(runs: pd.DataFrame, dataset: str, intervals: pd.DataFrame | None = None,
                 shipped: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The study's format, one row per model and variant: Model | Variant | Parameters | Seeds | Task-1 F1 |
@@ -91,8 +101,7 @@ def study_table(runs: pd.DataFrame, dataset: str, intervals: pd.DataFrame | None
                 improvement = "(trained alone)"
             elif found is not None:
                 estimate, low, high, _ = found
-                improvement = f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
-                reading = "better" if low > 0 else "worse" if high < 0 else "not detectable"
+                improvement, reading = _signed(estimate, low, high), _reading(low, high, "better", "worse")
         row = {"Model": name, "Variant": variant, "Parameters": f"{r.parameters / 1e6:.2f}M", "Seeds": r.seeds,
                f"Test {t1.capitalize()} F1": _mean_std(r.task1_f1, r.task1_f1_std, r.seeds),
                f"Test {t2.capitalize()} F1": _mean_std(r.task2_f1, r.task2_f1_std, r.seeds),
@@ -312,7 +321,7 @@ def claims_table(intervals: pd.DataFrame, students: Sequence[str]) -> pd.DataFra
                 continue
             estimate, low, high, seeds = found
             reading = ("too few seeds (fewer than 3 on an arm)" if seeds < MIN_CLAIM_SEEDS
-                       else "yes" if low > 0 else "no: it hurts" if high < 0 else "not detectable")
+                       else _reading(low, high, "yes", "no: it hurts"))
             rows.append({"Student": student, "Claim": claim, "Compared": f"{arm} − {control}",
                          "Seeds (fewer arm)": seeds, "Difference": f"{estimate:+.3f}",
                          "95% interval": f"[{low:+.3f}, {high:+.3f}]", "Reading": reading})
@@ -367,9 +376,8 @@ def teacher_table(test: pd.DataFrame, dev: pd.DataFrame) -> pd.DataFrame:
                 continue
             estimate, low, high, seeds = found
             row["Seeds (fewer arm)"] = seeds
-            row[f"{split.capitalize()} difference [95% CI]"] = f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
-            row[f"{split.capitalize()} reading"] = ("teacher better" if low > 0 else "teacher worse" if high < 0
-                                                    else "not detectable")
+            row[f"{split.capitalize()} difference [95% CI]"] = _signed(estimate, low, high)
+            row[f"{split.capitalize()} reading"] = _reading(low, high, "teacher better", "teacher worse")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -388,8 +396,7 @@ def teacher_lead(runs: pd.DataFrame, dev: pd.DataFrame, dataset: str) -> str | N
     met = estimate >= TEACHER_LEAD_GOAL and low > 0
     seeds = int((alone.model == best).sum())  # the student's; the fewer arm is the teacher, one model
     return (f"Teacher lead on dev over the best student trained alone ({best}, {seeds} seed{'s' * (seeds != 1)}): "
-            f"{estimate:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}]; goal: at least +{TEACHER_LEAD_GOAL:.2f} with an interval above 0: "
+            f"{_signed(estimate, low, high)}; goal: at least +{TEACHER_LEAD_GOAL:.2f} with an interval above 0: "
             f"**{'met' if met else 'not met'}**.")
 
 
