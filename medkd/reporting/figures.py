@@ -71,9 +71,10 @@ def plot_importances(found: Mapping, path: Path) -> None:
 def plot_f1_per_model(runs: pd.DataFrame, path: Path) -> None:
     """Test macro-F1 of each model (bars: mean over its seeds; whiskers: their standard deviation)."""
     datasets = runs.dataset.unique()
-    n_models = max(len(runs[runs.dataset == d][["model", "variant"]].drop_duplicates()) for d in datasets)
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, (1.6 + 0.5 * n_models) * len(datasets)), squeeze=False,
-                             layout="constrained")
+    # each panel as tall as its rows, so a data set with few models does not get stretched bars
+    heights = [1.6 + 0.5 * len(runs[runs.dataset == d][["model", "variant"]].drop_duplicates()) for d in datasets]
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, sum(heights)), squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": heights})
     for ax, dataset in zip(axes[:, 0], datasets):
         sub = runs[runs.dataset == dataset]
         t1, t2 = sub.iloc[0]["task1"], sub.iloc[0]["task2"]
@@ -93,9 +94,10 @@ def plot_per_class_f1(per_class: pd.DataFrame, path: Path) -> None:
     """Heat maps of per-class test F1 (mean over seeds): models down, classes (with their test
     support) across, a panel per data set and task."""
     panels = list(per_class[["dataset", "task"]].drop_duplicates().itertuples(index=False))
-    n_runs = per_class[["model", "variant"]].drop_duplicates().shape[0]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, (2.2 + 0.38 * n_runs) * len(panels)), squeeze=False,
-                             layout="constrained")
+    heights = [2.2 + 0.38 * per_class[per_class.dataset == dataset][["model", "variant"]].drop_duplicates().shape[0]
+               for dataset, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights)), squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": heights})
     for ax, (dataset, task) in zip(axes[:, 0], panels):
         sub = per_class[(per_class.dataset == dataset) & (per_class.task == task)]
         support = sub.groupby("class")["support"].max()
