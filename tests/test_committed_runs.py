@@ -76,3 +76,15 @@ def test_the_full_preset_snapshot_holds_every_run_its_params_ask_for():
     environment = json.loads((SNAPSHOT / "teachers" / "medpix" / "metrics.json").read_text())["environment"]
     assert {"cpu", "cpu_isa", "precision", "versions"} <= set(environment)
     assert (SNAPSHOT / "dvc.lock").exists() and (SNAPSHOT / "results" / "results.md").exists()
+
+
+def test_the_snapshots_stage_times_in_the_docs_are_its_notebooks():
+    """docs/reproducibility.md's table of the snapshot: each stage that ran, as papermill timed its notebook."""
+    section = (REPO / "docs" / "reproducibility.md").read_text().split("## The full preset's snapshot", 1)[1]
+    table = section.split("| stage | seconds | what |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in table]
+    stated = {name: int(seconds.replace(",", "")) for name, seconds in rows[:-1]}
+    timed = {name: round(json.loads((SNAPSHOT / "notebooks" / f"{name.replace('@', '-')}.ipynb").read_text())
+                         ["metadata"]["papermill"]["duration"]) for name in stated}
+    assert len(stated) == 21 and stated == timed
+    assert rows[-1][1].startswith(f"**{sum(stated.values()):,} (")
