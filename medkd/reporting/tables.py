@@ -54,9 +54,14 @@ def _ci(row: pd.Series | None) -> str:
     return f"[{row.low:{sign}.3f}, {row.high:{sign}.3f}]"
 
 
+def _interval(low: float, high: float) -> str:
+    """A difference's interval, signed and rounded once: "[-0.004, +0.030]"."""
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
 def _signed(estimate: float, low: float, high: float) -> str:
     """A difference and its interval, each rounded once: "+0.012 [-0.004, +0.030]"."""
-    return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f"{estimate:+.3f} {_interval(low, high)}"
 
 
 def _reading(low: float, high: float, above: str, below: str) -> str:
@@ -324,7 +329,7 @@ def claims_table(intervals: pd.DataFrame, students: Sequence[str]) -> pd.DataFra
                        else _reading(low, high, "yes", "no: it hurts"))
             rows.append({"Student": student, "Claim": claim, "Compared": f"{arm} − {control}",
                          "Seeds (fewer arm)": seeds, "Difference": f"{estimate:+.3f}",
-                         "95% interval": f"[{low:+.3f}, {high:+.3f}]", "Reading": reading})
+                         "95% interval": _interval(low, high), "Reading": reading})
     return pd.DataFrame(rows)
 
 
@@ -436,7 +441,7 @@ def masking_table(runs: pd.DataFrame, masked: Mapping[str, str], seed: int = 0,
             diff = table.loc["masked − plain"]
             rows.append({"Model": f"{backbones} [{variant}]", "Unmasked": f"{table.loc['plain', 'estimate']:.3f}",
                          "Masked": f"{table.loc['masked', 'estimate']:.3f}", "Change": f"{diff.estimate:+.3f}",
-                         "95% interval": f"[{diff.low:+.3f}, {diff.high:+.3f}]",
+                         "95% interval": _interval(diff.low, diff.high),
                          "Reading": "detectable" if diff.detectable else "no detectable difference"})
     return pd.DataFrame(rows)
 
@@ -508,7 +513,7 @@ def int8_verdict(int8: Mapping, max_drop: float) -> str:
 
 def int8_cell(int8: Mapping) -> str:
     interval = int8.get("avg_f1_change_ci95")
-    return f"{int8['avg_f1_change']:+.3f}" + (f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "")
+    return _signed(int8["avg_f1_change"], *interval) if interval else f"{int8['avg_f1_change']:+.3f}"
 
 
 def deployment_goals(deployments: Sequence[Mapping], speedup_goal: float, int8_max_f1_drop: float) -> list[str]:
